@@ -1,0 +1,99 @@
+"""Settings: one model, read from arguments, ``MEDLAKE_*`` environment variables
+and ``medlake.toml`` in the data folder, in that order of precedence.
+
+No other module reads ``os.environ``; everything takes a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOML_NAME = "medlake.toml"
+
+
+class Settings(BaseSettings):
+    """Every option medlake has, with its default. See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDLAKE_", extra="forbid")
+
+    data: Path = Field(
+        default=Path("medlake-data"),
+        description="Folder holding the local lake and the SQLite index (and medlake.toml).",
+    )
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server listens on.")
+    http_port: int = Field(default=8042, description="HTTP port: /dicomweb, /changefeed, /healthz.")
+    dimse_port: int = Field(default=11112, description="DICOM (DIMSE) port; 0 disables it.")
+    ae_title: str = Field(default="MEDLAKE", description="Our DICOM Application Entity title.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the index; default sqlite:///{data}/index.sqlite. "
+        "PostgreSQL: postgresql+psycopg://user@host/db.",
+    )
+    lake_url: str | None = Field(
+        default=None,
+        description="Root of the lake: a local folder (default {data}/lake) or an fsspec URL "
+        "(s3://bucket/prefix, abfs://container/prefix, memory://name).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for lake_url (JSON in MEDLAKE_STORAGE_OPTIONS).",
+    )
+    workspace: str = Field(default="default", description="Workspace segment of the lake layout.")
+    dicom_service: str = Field(default="default", description="DICOM service segment of the lake layout.")
+    fsync: bool = Field(
+        default=True,
+        description="fsync stored files before their index rows commit (durable against power loss).",
+    )
+    health_check_interval: float = Field(
+        default=30.0, description="Seconds between writes of the lake health-check file."
+    )
+    max_upload_bytes: int = Field(
+        default=0, description="Largest accepted STOW-RS request body in bytes; 0 = no limit."
+    )
+    cool_after_days: int = Field(
+        default=30, description="Lifecycle: blobs not read for this many days move to the cool tier."
+    )
+    cold_after_days: int = Field(
+        default=90, description="Lifecycle: blobs not read for this many days move to the cold tier."
+    )
+    max_extended_query_tags: int = Field(
+        default=128, description="Most extended query tags a partition may define."
+    )
+    log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The index URL, with the SQLite default placed inside ``data``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_lake_url(self) -> str:
+        """The lake root, defaulting to ``{data}/lake``."""
+        if self.lake_url:
+            return self.lake_url
+        return str((self.data / "lake").resolve())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from ``overrides`` (e.g. CLI options), the environment and
+    ``{data}/medlake.toml``; values that are ``None`` in ``overrides`` are ignored."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    first = Settings(**given)
+    toml_path = first.data / TOML_NAME
+    if not toml_path.is_file():
+        return first
+    with toml_path.open("rb") as fh:
+        from_file = tomllib.load(fh)
+    # Fields set by arguments or the environment win over the file.
+    explicit = {name: getattr(first, name) for name in first.model_fields_set}
+    return Settings(**{**from_file, **explicit})
+
+
+__all__ = ["Settings", "TOML_NAME", "load_settings"]

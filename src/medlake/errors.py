@@ -1,0 +1,118 @@
+"""The one exception tree of medlake.
+
+Every error carries the HTTP status it maps to and, where DICOM defines one,
+the DICOM status / failure reason code (PS3.18 Annex I, PS3.4 Annex C).
+Messages say what was wrong and with which value.
+"""
+
+from __future__ import annotations
+
+
+class MedlakeError(Exception):
+    """Base of every error medlake raises on purpose."""
+
+    http_status: int = 500
+    #: DICOM failure reason for STOW-RS FailedSOPSequence (PS3.18 Table I.2-1 / PS3.4 C.4.2.1.4).
+    dicom_reason: int = 0x0110  # Processing failure
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(MedlakeError):
+    """The request itself is malformed (bad parameter, bad header, bad body)."""
+
+    http_status = 400
+
+
+class InvalidDicom(InvalidInput):
+    """The bytes are not a usable DICOM Part 10 instance."""
+
+    dicom_reason = 0xC000  # Cannot understand
+
+
+class MissingAttribute(InvalidDicom):
+    """A required attribute (e.g. SOPInstanceUID) is absent or empty."""
+
+    dicom_reason = 0xA900  # Data set does not match SOP class
+
+
+class StudyMismatch(InvalidDicom):
+    """The instance's StudyInstanceUID differs from the one in the request URL."""
+
+    http_status = 409
+    dicom_reason = 0xA900
+
+
+class UnsupportedMediaType(MedlakeError):
+    """Content-Type (or Accept) names a media type medlake does not serve."""
+
+    http_status = 415
+
+
+class NotAcceptable(MedlakeError):
+    """No representation satisfies the Accept header."""
+
+    http_status = 406
+
+
+class UnknownAttribute(InvalidInput):
+    """A QIDO query names an attribute that is not searchable."""
+
+
+class NotFound(MedlakeError):
+    """The study, series, instance, frame or partition does not exist."""
+
+    http_status = 404
+
+
+class Conflict(MedlakeError):
+    """The write conflicts with what is stored (same UID, different bytes)."""
+
+    http_status = 409
+    dicom_reason = 0x0111  # Duplicate SOP instance
+
+
+class PayloadTooLarge(MedlakeError):
+    """The request body exceeds the configured limit."""
+
+    http_status = 413
+
+
+class StorageError(MedlakeError):
+    """The lake could not be read or written (permissions, disk full, network)."""
+
+    http_status = 503
+    dicom_reason = 0xA700  # Out of resources
+
+
+class DatabaseUnavailable(MedlakeError):
+    """The index database could not be reached or refused the write."""
+
+    http_status = 503
+    dicom_reason = 0xA700
+
+
+class LimitExceeded(MedlakeError):
+    """A configured maximum (e.g. 128 extended query tags) would be exceeded."""
+
+    http_status = 409
+
+
+__all__ = [
+    "Conflict",
+    "DatabaseUnavailable",
+    "InvalidDicom",
+    "InvalidInput",
+    "LimitExceeded",
+    "MedlakeError",
+    "MissingAttribute",
+    "NotAcceptable",
+    "NotFound",
+    "PayloadTooLarge",
+    "StorageError",
+    "StudyMismatch",
+    "UnknownAttribute",
+    "UnsupportedMediaType",
+]

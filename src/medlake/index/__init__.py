@@ -1,0 +1,1 @@
+"""The index: the database of studies, series, instances, change feed and queries."""

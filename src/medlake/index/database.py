@@ -1,0 +1,60 @@
+"""Opening the index database and bringing its schema up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import OperationalError
+
+from medlake.errors import DatabaseUnavailable
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def create_index_engine(url: str) -> Engine:
+    """An engine for ``url`` with the settings medlake relies on (WAL on SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def alembic_config(engine: Engine) -> Config:
+    """Alembic configuration bound to ``engine`` (used by ``migrate`` and tests)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Apply every pending migration (a fresh database gets the whole schema)."""
+    try:
+        command.upgrade(alembic_config(engine), "head")
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the index database: {exc.orig}") from exc
+
+
+def open_index(url: str) -> Engine:
+    """Create the engine for ``url`` and migrate its schema to the newest version."""
+    engine = create_index_engine(url)
+    migrate(engine)
+    return engine

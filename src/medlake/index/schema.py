@@ -1,0 +1,217 @@
+"""The index schema: SQLAlchemy 2 Core tables, one definition for SQLite and PostgreSQL.
+
+Alembic migrations (``medlake/index/migrations``) create and evolve these tables;
+``tests/test_migrations.py`` checks that the migrations and this module agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+#: SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UID = String(64)
+TS = DateTime(timezone=True)
+
+partitions = Table(
+    "partitions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("created_at", TS, nullable=False),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("specific_character_set", String(128)),
+    Column("study_date", String(8)),
+    Column("study_time", String(16)),
+    Column("accession_number", String(16)),
+    Column("referring_physician_name", String(330)),
+    Column("referring_physician_name_search", String(330)),
+    Column("timezone_offset_from_utc", String(5)),
+    Column("study_description", String(64)),
+    Column("patient_name", String(330)),
+    Column("patient_name_search", String(330)),
+    Column("patient_id", String(64)),
+    Column("issuer_of_patient_id", String(64)),
+    Column("patient_birth_date", String(8)),
+    Column("patient_sex", String(16)),
+    Column("study_id", String(16)),
+    Column("modalities_in_study", String(256)),
+    Column("num_series", Integer, nullable=False, default=0),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("extra", Text, nullable=False, default="{}"),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    UniqueConstraint("partition_id", "study_uid"),
+    Index(None, "partition_id", "patient_id"),
+    Index(None, "partition_id", "study_date"),
+    Index(None, "partition_id", "patient_name_search"),
+    Index(None, "partition_id", "accession_number"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("study_id", ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("modality", String(16)),
+    Column("series_description", String(64)),
+    Column("body_part_examined", String(16)),
+    Column("series_number", Integer),
+    Column("pps_start_date", String(8)),
+    Column("pps_start_time", String(16)),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("extra", Text, nullable=False, default="{}"),
+    Column("metadata_stale", Boolean, nullable=False, default=True),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    UniqueConstraint("partition_id", "series_uid"),
+    Index(None, "study_id"),
+    Index(None, "partition_id", "modality"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("study_id", ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    Column("series_id", ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("sop_uid", UID, nullable=False),
+    Column("sop_class_uid", UID),
+    Column("instance_number", Integer),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("bits_allocated", Integer),
+    Column("number_of_frames", Integer),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("blob_key", String(512), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("encapsulated", Boolean, nullable=False, default=False),
+    Column("frames", Text),
+    Column("tier", String(8), nullable=False, default="hot"),
+    Column("last_accessed_at", TS, nullable=False),
+    Column("created_at", TS, nullable=False),
+    UniqueConstraint("partition_id", "sop_uid"),
+    Index(None, "series_id", "instance_number"),
+    Index(None, "study_id"),
+    Index(None, "tier", "last_accessed_at"),
+)
+
+#: Flat, denormalised copy of the common attributes of each instance, for analytics.
+instance_metadata = Table(
+    "instance_metadata",
+    metadata,
+    Column("instance_id", ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("partition", String(64), nullable=False),
+    Column("patient_id", String(64)),
+    Column("patient_name", String(330)),
+    Column("patient_birth_date", String(8)),
+    Column("patient_sex", String(16)),
+    Column("study_uid", UID, nullable=False),
+    Column("study_date", String(8)),
+    Column("study_description", String(64)),
+    Column("accession_number", String(16)),
+    Column("series_uid", UID, nullable=False),
+    Column("modality", String(16)),
+    Column("body_part_examined", String(16)),
+    Column("series_description", String(64)),
+    Column("sop_uid", UID, nullable=False),
+    Column("sop_class_uid", UID),
+    Column("instance_number", Integer),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("number_of_frames", Integer),
+    Column("transfer_syntax_uid", UID),
+    Column("blob_key", String(512), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("stored_at", TS, nullable=False),
+)
+
+change_feed = Table(
+    "change_feed",
+    metadata,
+    Column("sequence", Id, primary_key=True, autoincrement=True),
+    Column("timestamp", TS, nullable=False),
+    Column("action", String(8), nullable=False),  # create | update | delete
+    Column("state", String(8), nullable=False),  # current | replaced | deleted
+    Column("partition", String(64), nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("sop_uid", UID, nullable=False),
+    Index(None, "timestamp"),
+    Index(None, "partition", "sop_uid"),
+)
+
+extended_query_tags = Table(
+    "extended_query_tags",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("tag", String(8), nullable=False, unique=True),
+    Column("keyword", String(64)),
+    Column("vr", String(2), nullable=False),
+    Column("level", String(8), nullable=False),
+    Column("status", String(10), nullable=False),  # adding | ready | deleting
+    Column("operation_id", String(36)),
+    Column("created_at", TS, nullable=False),
+)
+
+extended_query_tag_values = Table(
+    "extended_query_tag_values",
+    metadata,
+    Column(
+        "tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("instance_id", ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("study_id", ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    Column("series_id", ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("value_text", String(330)),
+    Column("value_number", Float),
+    Index(None, "tag_id", "value_text"),
+    Index(None, "tag_id", "value_number"),
+)
+
+operations = Table(
+    "operations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(12), nullable=False),  # notStarted | running | succeeded | failed
+    Column("percent_complete", Integer, nullable=False, default=0),
+    Column("detail", Text),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+)

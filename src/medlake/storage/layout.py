@@ -1,0 +1,65 @@
+"""The lake layout: the single owner of every key (path) in the lake.
+
+This is a data contract for Spark, DuckDB and azcopy users (see README)::
+
+    medlake/{workspace}/dicom/{service}/{partition}/{Study}/{Series}/{SOP}.dcm
+    medlake/{workspace}/dicom/{service}/{partition}/{Study}/{Series}/series-metadata.json.gz
+    medlake/{workspace}/dicom/{service}/healthCheck/
+    medlake/{workspace}/clinical/{store}/{ResourceType}/...ndjson
+    medlake/{workspace}/tables/{table}/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medlake.types import check_partition, check_uid
+
+HEALTH_CHECK_FOLDER = "healthCheck"
+SERIES_METADATA_NAME = "series-metadata.json.gz"
+
+
+@dataclass(frozen=True)
+class LakeLayout:
+    """Builds lake keys for one workspace and DICOM service."""
+
+    workspace: str = "default"
+    service: str = "default"
+
+    @property
+    def dicom_root(self) -> str:
+        """Key prefix of this DICOM service."""
+        return f"medlake/{self.workspace}/dicom/{self.service}"
+
+    def partition_prefix(self, partition: str) -> str:
+        """Folder of one partition."""
+        return f"{self.dicom_root}/{check_partition(partition)}"
+
+    def study_prefix(self, partition: str, study: str) -> str:
+        """Folder of one study."""
+        return f"{self.partition_prefix(partition)}/{check_uid(study, 'StudyInstanceUID')}"
+
+    def series_prefix(self, partition: str, study: str, series: str) -> str:
+        """Folder of one series."""
+        return f"{self.study_prefix(partition, study)}/{check_uid(series, 'SeriesInstanceUID')}"
+
+    def instance_key(self, partition: str, study: str, series: str, sop: str) -> str:
+        """The Part-10 file of one instance, byte-identical to what was received."""
+        return f"{self.series_prefix(partition, study, series)}/{check_uid(sop, 'SOPInstanceUID')}.dcm"
+
+    def series_metadata_key(self, partition: str, study: str, series: str) -> str:
+        """Precomputed DICOM JSON of every instance of a series (gzip)."""
+        return f"{self.series_prefix(partition, study, series)}/{SERIES_METADATA_NAME}"
+
+    @property
+    def health_check_prefix(self) -> str:
+        """Folder the server writes its health-check file into."""
+        return f"{self.dicom_root}/{HEALTH_CHECK_FOLDER}"
+
+    def clinical_prefix(self, store: str, resource_type: str) -> str:
+        """Folder of NDJSON files of one clinical resource type."""
+        return f"medlake/{self.workspace}/clinical/{store}/{resource_type}"
+
+    def table_prefix(self, table: str) -> str:
+        """Folder of one Delta table."""
+        return f"medlake/{self.workspace}/tables/{table}"
