@@ -1,0 +1,465 @@
+"""DICOMweb routes (PS3.18): thin adapters from HTTP to the dicomweb services.
+
+Mounted twice: at ``/dicomweb`` (partition ``default``) and at
+``/dicomweb/partitions/{partition}``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from medlake.api.media import choose, parse_accept, parse_media_type
+from medlake.api.multipart import MultipartReceiver, StagedPart, aiter_parts, new_boundary
+from medlake.api.stow_response import stow_response
+from medlake.dicom.attributes import Level
+from medlake.dicom.render import RenderOptions, parse_viewport, parse_window
+from medlake.dicomweb import metadata as metadata_service
+from medlake.dicomweb import retrieve as retrieve_service
+from medlake.dicomweb.delete import delete as delete_service
+from medlake.dicomweb.locate import StoredInstance
+from medlake.dicomweb.search import run_search
+from medlake.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+from medlake.ingest.archive import Archive
+from medlake.ingest.store import ReceivedFile, store_instances
+from medlake.types import DEFAULT_PARTITION, check_partition
+
+DICOM_JSON = "application/dicom+json"
+
+
+def archive_of(request: Request) -> Archive:
+    """The archive the app was created with."""
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def partition_of(request: Request) -> str:
+    """The partition named in the path, or ``default``."""
+    return check_partition(request.path_params.get("partition", DEFAULT_PARTITION))
+
+
+ArchiveDep = Annotated[Archive, Depends(archive_of)]
+PartitionDep = Annotated[str, Depends(partition_of)]
+
+
+def base_url(request: Request, partition: str) -> str:
+    """The DICOMweb root this request came through (for RetrieveURL / BulkDataURI)."""
+    root = str(request.base_url).rstrip("/") + "/dicomweb"
+    if "partition" in request.path_params:
+        root += f"/partitions/{partition}"
+    return root
+
+
+router = APIRouter()
+
+
+# --- STOW-RS -----------------------------------------------------------------------------
+
+
+async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
+    content_type = request.headers.get("content-type", "")
+    media = parse_media_type(content_type)
+    folder = archive.staging_dir
+    limit = archive.settings.max_upload_bytes
+    if media.name == "application/dicom":
+        part = StagedPart(folder)
+        try:
+            async for chunk in request.stream():
+                part.write(chunk)
+                if limit and part.size > limit:
+                    raise InvalidInput(f"request body exceeds the limit of {limit} bytes")
+        except BaseException:
+            part.discard()
+            raise
+        return [part.close()]
+    if media.name != "multipart/related":
+        raise UnsupportedMediaType(
+            f"STOW-RS needs Content-Type multipart/related; type=\"application/dicom\", not {content_type!r}"
+        )
+    part_type = media.params.get("type", "application/dicom").lower()
+    if part_type != "application/dicom":
+        raise UnsupportedMediaType(
+            f"only type=\"application/dicom\" parts are accepted, not {part_type!r} "
+            "(metadata + bulk data STOW is not supported)"
+        )
+    boundary = media.params.get("boundary")
+    if not boundary:
+        raise InvalidInput("multipart/related Content-Type has no boundary parameter")
+    receiver = MultipartReceiver(boundary, folder, limit)
+    try:
+        async for chunk in request.stream():
+            receiver.feed(chunk)
+        parts = receiver.finish()
+    except (Exception, ClientDisconnect):
+        receiver.discard()
+        raise
+    if not parts:
+        raise InvalidInput("the multipart body contains no parts")
+    received = []
+    for file, headers in parts:
+        part_media = parse_media_type(headers.get("content-type", "application/dicom"))
+        if part_media.name != "application/dicom":
+            receiver.discard()
+            raise UnsupportedMediaType(
+                f"a part has Content-Type {part_media.name!r}; every part must be application/dicom"
+            )
+        received.append(file)
+    return received
+
+
+async def _stow(request: Request, archive: Archive, partition: str, study: str | None, replace: bool) -> Response:
+    accept = parse_accept(request.headers.get("accept"))
+    choose(accept, [DICOM_JSON, "application/json"], "the STOW-RS response")
+    if study is not None:
+        from medlake.types import check_uid
+
+        check_uid(study, "StudyInstanceUID")
+    files = await _receive(request, archive)
+    results = await run_in_threadpool(
+        store_instances, archive, files, partition, expected_study=study, replace=replace
+    )
+    status, body, warning = stow_response(results, base_url(request, partition))
+    headers = {"Warning": warning} if warning else {}
+    return Response(orjson.dumps(body), status, headers=headers, media_type=DICOM_JSON)
+
+
+@router.post("/studies")
+async def stow_studies(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """STOW-RS: store instances of any studies."""
+    return await _stow(request, archive, partition, None, replace=False)
+
+
+@router.post("/studies/{study}")
+async def stow_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """STOW-RS: store instances that must belong to ``study``."""
+    return await _stow(request, archive, partition, study, replace=False)
+
+
+@router.put("/studies")
+async def upsert_studies(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """Store, replacing instances already stored with different content (upsert)."""
+    return await _stow(request, archive, partition, None, replace=True)
+
+
+@router.put("/studies/{study}")
+async def upsert_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """Upsert instances that must belong to ``study``."""
+    return await _stow(request, archive, partition, study, replace=True)
+
+
+# --- QIDO-RS -----------------------------------------------------------------------------
+
+
+async def _search(
+    request: Request, archive: Archive, partition: str, level: Level,
+    study: str | None = None, series: str | None = None,
+) -> Response:  # fmt: skip
+    choose(parse_accept(request.headers.get("accept")), [DICOM_JSON, "application/json"], "QIDO-RS results")
+    result = await run_in_threadpool(
+        run_search, archive, level, partition, request.query_params.multi_items(),
+        study_uid=study, series_uid=series, base_url=base_url(request, partition),
+    )  # fmt: skip
+    headers = {"X-Total-Count": str(result.total)}
+    if result.warning:
+        headers["Warning"] = result.warning
+    if not result.datasets:
+        return Response(status_code=204, headers=headers)
+    return Response(orjson.dumps(result.datasets), 200, headers=headers, media_type=DICOM_JSON)
+
+
+@router.get("/studies")
+async def search_studies(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """QIDO-RS: search for studies."""
+    return await _search(request, archive, partition, Level.STUDY)
+
+
+@router.get("/series")
+async def search_series(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """QIDO-RS: search for series across studies."""
+    return await _search(request, archive, partition, Level.SERIES)
+
+
+@router.get("/instances")
+async def search_instances(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """QIDO-RS: search for instances across studies."""
+    return await _search(request, archive, partition, Level.INSTANCE)
+
+
+@router.get("/studies/{study}/series")
+async def search_study_series(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """QIDO-RS: series of a study."""
+    return await _search(request, archive, partition, Level.SERIES, study)
+
+
+@router.get("/studies/{study}/instances")
+async def search_study_instances(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """QIDO-RS: instances of a study."""
+    return await _search(request, archive, partition, Level.INSTANCE, study)
+
+
+@router.get("/studies/{study}/series/{series}/instances")
+async def search_series_instances(
+    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """QIDO-RS: instances of a series."""
+    return await _search(request, archive, partition, Level.INSTANCE, study, series)
+
+
+# --- WADO-RS -----------------------------------------------------------------------------
+
+
+def _instances_response(request: Request, found: list[StoredInstance]) -> Response:
+    accept = parse_accept(request.headers.get("accept"))
+    chosen = choose(accept, ["multipart/related", "application/dicom"], "instances")
+    wanted_type = chosen.params.get("type", "application/dicom").lower()
+    if chosen.name == "multipart/related" and wanted_type not in ("application/dicom", "*/*"):
+        raise NotAcceptable(
+            f"instances are returned as application/dicom parts, not {wanted_type!r}"
+        )
+    wanted_ts = chosen.params.get("transfer-syntax", "*")
+    if wanted_ts != "*":
+        for item in found:
+            if item.transfer_syntax_uid != wanted_ts:
+                raise NotAcceptable(
+                    f"instance {item.sop_uid} is stored as {item.transfer_syntax_uid} and "
+                    f"transcoding to {wanted_ts} is not supported; ask for transfer-syntax=*"
+                )
+    archive = archive_of(request)
+    if chosen.name == "application/dicom":
+        if len(found) != 1:
+            raise NotAcceptable("application/dicom (single part) is only available for one instance")
+        return _single_blob(archive, found[0], "application/dicom")
+    boundary = new_boundary()
+    parts: list[tuple[str, Any]] = [
+        (f"application/dicom; transfer-syntax={item.transfer_syntax_uid}", _opener(archive, item))
+        for item in found
+    ]
+    length = sum(
+        len(f"--{boundary}\r\nContent-Type: {ct}\r\n\r\n") + item.size + 2
+        for (ct, _), item in zip(parts, found, strict=True)
+    ) + len(f"--{boundary}--\r\n")
+    return StreamingResponse(
+        aiter_parts(parts, boundary),
+        media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        headers={"Content-Length": str(length)},
+    )
+
+
+def _opener(archive: Archive, item: StoredInstance) -> Any:
+    path = archive.blobs.local_path(item.blob_key)
+    if path is not None:
+        return path
+    return lambda: archive.blobs.open(item.blob_key)
+
+
+def _single_blob(archive: Archive, item: StoredInstance, media_type: str) -> Response:
+    return Response(archive.blobs.read_bytes(item.blob_key), media_type=media_type)
+
+
+@router.get("/studies/{study}")
+async def retrieve_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """WADO-RS: every instance of a study."""
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study)
+    return _instances_response(request, found)
+
+
+@router.get("/studies/{study}/series/{series}")
+async def retrieve_series(
+    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """WADO-RS: every instance of a series."""
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series)
+    return _instances_response(request, found)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}")
+async def retrieve_instance(
+    request: Request, study: str, series: str, instance: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """WADO-RS: one instance."""
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+    return _instances_response(request, found)
+
+
+def _metadata_response(request: Request, body: bytes, study: str, partition: str) -> Response:
+    choose(parse_accept(request.headers.get("accept")), [DICOM_JSON, "application/json"], "metadata")
+    absolute = f"{base_url(request, partition)}/studies/{study}/".encode()
+    body = body.replace(b'"BulkDataURI":"series/', b'"BulkDataURI":"' + absolute + b"series/")
+    return Response(body, media_type=DICOM_JSON)
+
+
+@router.get("/studies/{study}/metadata")
+async def study_metadata(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """WADO-RS: DICOM JSON of every instance of a study (precomputed per series)."""
+    body = await run_in_threadpool(metadata_service.study_metadata, archive, partition, study)
+    return _metadata_response(request, body, study, partition)
+
+
+@router.get("/studies/{study}/series/{series}/metadata")
+async def series_metadata(
+    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """WADO-RS: DICOM JSON of every instance of a series."""
+    body = await run_in_threadpool(metadata_service.series_metadata, archive, partition, study, series)
+    return _metadata_response(request, body, study, partition)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/metadata")
+async def instance_metadata(
+    request: Request, study: str, series: str, instance: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """WADO-RS: DICOM JSON of one instance."""
+    body = await run_in_threadpool(metadata_service.series_metadata, archive, partition, study, series)
+    items = [i for i in orjson.loads(body) if i.get("00080018", {}).get("Value") == [instance]]
+    if not items:
+        found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+        del found
+    return _metadata_response(request, orjson.dumps(items), study, partition)
+
+
+def _octet_parts(request: Request, item: StoredInstance, chunks: list[bytes]) -> Response:
+    accept = parse_accept(request.headers.get("accept"))
+    chosen = choose(accept, ["multipart/related", "application/octet-stream"], "frames")
+    if chosen.name == "application/octet-stream":
+        if len(chunks) != 1:
+            raise NotAcceptable("application/octet-stream (single part) needs exactly one frame")
+        return Response(chunks[0], media_type="application/octet-stream")
+    wanted_ts = chosen.params.get("transfer-syntax", "*")
+    if wanted_ts not in ("*", item.transfer_syntax_uid):
+        raise NotAcceptable(
+            f"frames are stored as {item.transfer_syntax_uid}; transcoding to {wanted_ts} is "
+            "not supported (ask for transfer-syntax=*)"
+        )
+    boundary = new_boundary()
+    part_type = f"application/octet-stream; transfer-syntax={item.transfer_syntax_uid}"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + chunk + b"\r\n"
+        for chunk in chunks
+    ) + f"--{boundary}--\r\n".encode()
+    return Response(
+        body,
+        media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
+    )
+
+
+async def _one(archive: Archive, partition: str, study: str, series: str, instance: str) -> StoredInstance:
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+    return found[0]
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}")
+async def retrieve_frames(
+    request: Request, study: str, series: str, instance: str, frame_list: str,
+    archive: ArchiveDep, partition: PartitionDep,
+) -> Response:  # fmt: skip
+    """WADO-RS: frames of an instance, each one range read of the stored file."""
+    numbers = retrieve_service.parse_frame_list(frame_list)
+    item = await _one(archive, partition, study, series, instance)
+    chunks = await run_in_threadpool(retrieve_service.frames, archive, item, numbers)
+    return _octet_parts(request, item, chunks)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}")
+async def retrieve_bulkdata(
+    request: Request, study: str, series: str, instance: str, tag: str,
+    archive: ArchiveDep, partition: PartitionDep,
+) -> Response:  # fmt: skip
+    """WADO-RS: one bulk-data element (the BulkDataURI targets of the metadata)."""
+    try:
+        tag_value = int(tag, 16)
+    except ValueError as exc:
+        raise InvalidInput(f"bulk data tag {tag!r} must be 8 hex digits") from exc
+    item = await _one(archive, partition, study, series, instance)
+    data = await run_in_threadpool(retrieve_service.bulkdata, archive, item, tag_value)
+    return _octet_parts(request, item, [data])
+
+
+def render_options(request: Request, thumbnail: bool = False) -> RenderOptions:
+    """Rendering parameters from the Accept header and query (PS3.18 8.3.5.1)."""
+    accept = parse_accept(request.headers.get("accept"))
+    media = choose(accept, ["image/jpeg", "image/png"], "a rendered image")
+    center, width = parse_window(request.query_params.get("window"))
+    viewport = parse_viewport(request.query_params.get("viewport"))
+    if thumbnail and viewport is None:
+        viewport = (128, 128)
+    quality = request.query_params.get("quality", "90")
+    if not quality.isdigit() or not 1 <= int(quality) <= 100:
+        raise InvalidInput(f"quality must be 1..100, not {quality!r}")
+    return RenderOptions(media.name, center, width, viewport, int(quality))
+
+
+async def _render(request: Request, study: str, series: str, instance: str, frame: int, thumbnail: bool) -> Response:
+    options = render_options(request, thumbnail)
+    archive, partition = archive_of(request), partition_of(request)
+    item = await _one(archive, partition, study, series, instance)
+    data = await run_in_threadpool(retrieve_service.rendered, archive, item, frame, options)
+    return Response(data, media_type=options.media_type)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/rendered")
+async def rendered_instance(request: Request, study: str, series: str, instance: str) -> Response:
+    """WADO-RS: the (first frame of the) instance rendered to JPEG/PNG."""
+    return await _render(request, study, series, instance, 1, False)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered")
+async def rendered_frame(request: Request, study: str, series: str, instance: str, frame: int) -> Response:
+    """WADO-RS: one frame rendered to JPEG/PNG."""
+    return await _render(request, study, series, instance, frame, False)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail")
+async def thumbnail_instance(request: Request, study: str, series: str, instance: str) -> Response:
+    """WADO-RS: a small rendering of the instance."""
+    return await _render(request, study, series, instance, 1, True)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail")
+async def thumbnail_series(request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """WADO-RS: a small rendering of the series' middle instance."""
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series)
+    middle = found[len(found) // 2]
+    return await _render(request, study, series, middle.sop_uid, 1, True)
+
+
+@router.get("/studies/{study}/thumbnail")
+async def thumbnail_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """WADO-RS: a small rendering of the study's first series."""
+    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study)
+    first_series = found[0].series_uid
+    in_series = [f for f in found if f.series_uid == first_series]
+    middle = in_series[len(in_series) // 2]
+    return await _render(request, study, middle.series_uid, middle.sop_uid, 1, True)
+
+
+# --- DELETE ------------------------------------------------------------------------------
+
+
+@router.delete("/studies/{study}")
+async def delete_study(study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """Delete a study: files, index rows; change-feed entries are added."""
+    await run_in_threadpool(delete_service, archive, partition, study)
+    return Response(status_code=204)
+
+
+@router.delete("/studies/{study}/series/{series}")
+async def delete_series(study: str, series: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """Delete a series."""
+    await run_in_threadpool(delete_service, archive, partition, study, series)
+    return Response(status_code=204)
+
+
+@router.delete("/studies/{study}/series/{series}/instances/{instance}")
+async def delete_instance(
+    study: str, series: str, instance: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
+    """Delete one instance."""
+    await run_in_threadpool(delete_service, archive, partition, study, series, instance)
+    return Response(status_code=204)
+
+

@@ -1,0 +1,164 @@
+"""``medlake`` — the command line, the product's front door."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medlake import __version__
+from medlake.cli.local_ingest import BATCH, find_files, ingest_batch
+from medlake.config import Settings, load_settings
+from medlake.ingest.archive import Archive
+from medlake.types import DEFAULT_PARTITION
+
+app = typer.Typer(help="medlake: an open medical-data lakehouse.", no_args_is_help=True)
+console = Console()
+
+DataOption = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional
+    typer.Option("--data", help="Folder of the lake and SQLite index [env MEDLAKE_DATA]."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"medlake {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """medlake: DICOM archive, clinical data and analytics in one lake."""
+
+
+def _settings(**overrides: object) -> Settings:
+    return load_settings(**overrides)
+
+
+@app.command()
+def serve(
+    data: DataOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface [env MEDLAKE_HOST].")] = None,  # noqa: UP045
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port [env MEDLAKE_HTTP_PORT].")] = None,  # noqa: UP045
+    dimse_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="DICOM port; 0 = off [env MEDLAKE_DIMSE_PORT]. (DIMSE is not built yet.)"),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Accepted for forward compatibility; auth is not built yet.")
+    ] = False,
+) -> None:
+    """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port."""
+    import uvicorn
+
+    from medlake.api import create_app
+
+    settings = _settings(data=data, host=host, http_port=http_port, dimse_port=dimse_port)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    archive = Archive.open(settings)
+    console.print(
+        f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
+        f"index [cyan]{settings.resolved_database_url.split('@')[-1]}[/]"
+    )
+    console.print(f"DICOMweb: http://{settings.host}:{settings.http_port}/dicomweb")
+    if not insecure_no_auth:
+        console.print("[yellow]authentication is not built yet: every request is allowed[/]")
+    uvicorn.run(
+        create_app(archive),
+        host=settings.host,
+        port=settings.http_port,
+        log_level="warning",
+        http="httptools",
+        loop="uvloop",
+    )
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A DICOM file or a folder of them.", exists=True)],
+    data: DataOption = None,
+    partition: Annotated[str, typer.Option(help="Partition to store into.")] = DEFAULT_PARTITION,
+) -> None:
+    """Store DICOM files from a folder into the lake (same rules as STOW-RS)."""
+    archive = Archive.open(_settings(data=data))
+    files = list(find_files(path))
+    counts = {"stored": 0, "duplicate": 0, "replaced": 0, "failed": 0}
+    failures: list[tuple[Path, str]] = []
+    with Progress(
+        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} rejected"), TimeRemainingColumn(), console=console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("ingest", total=len(files), failed=0)
+        for start in range(0, len(files), BATCH):
+            batch = files[start : start + BATCH]
+            for source, result in zip(batch, ingest_batch(archive, batch, partition), strict=True):
+                counts[result.outcome.value] += 1
+                if result.error is not None:
+                    failures.append((source, result.error.message))
+            progress.update(task, advance=len(batch), failed=counts["failed"])
+    for source, message in failures[:20]:
+        console.print(f"[red]rejected[/] {source}: {message}")
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    archive.close()
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def list_studies(
+    data: DataOption = None,
+    partition: Annotated[str, typer.Option(help="Partition to list.")] = DEFAULT_PARTITION,
+) -> None:
+    """List the studies of a partition."""
+    from medlake.dicom.attributes import Level
+    from medlake.dicomweb.search import run_search
+    from medlake.errors import NotFound
+
+    archive = Archive.open(_settings(data=data))
+    try:
+        result = run_search(archive, Level.STUDY, partition, [("limit", "10000")])
+    except NotFound:
+        console.print(f"partition {partition!r} is empty")
+        return
+    table = Table("StudyInstanceUID", "Date", "PatientID", "PatientName", "Modalities", "Series", "Instances")
+
+    def value(ds: dict[str, object], tag: str) -> str:
+        element = ds.get(tag) or {}
+        values = element.get("Value", []) if isinstance(element, dict) else []
+        if not values:
+            return ""
+        first = values[0]
+        return str(first.get("Alphabetic", "")) if isinstance(first, dict) else "\\".join(map(str, values))
+
+    for ds in result.datasets:
+        table.add_row(*(value(ds, t) for t in ("0020000D", "00080020", "00100020", "00100010", "00080061", "00201206", "00201208")))
+    console.print(table)
+    console.print(f"{result.total} studies")
+
+
+@app.command()
+def demo(
+    data: DataOption = None,
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,  # noqa: UP045
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Only load the sample data.")] = False,
+) -> None:
+    """Generate sample studies, ingest them and serve them."""
+    from medlake.cli.demo_data import write_demo_studies
+
+    settings = _settings(data=data or Path("demo-data"), http_port=http_port)
+    source = settings.data / "demo-source"
+    files = write_demo_studies(source)
+    console.print(f"wrote {len(files)} sample instances to {source}")
+    ingest(source, data=settings.data, partition=DEFAULT_PARTITION)
+    if not no_serve:
+        serve(data=settings.data, host=None, http_port=settings.http_port, dimse_port=None, insecure_no_auth=True)

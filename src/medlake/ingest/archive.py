@@ -1,0 +1,46 @@
+"""The archive: the lake (blob store + layout), the index engine and the settings,
+opened once per process and handed to every service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from medlake.config import Settings
+from medlake.index.database import open_index
+from medlake.storage import BlobStore, LakeLayout, open_blob_store
+
+
+@dataclass
+class Archive:
+    """Everything a service needs to read and write the lake and its index."""
+
+    settings: Settings
+    engine: Engine
+    blobs: BlobStore
+    layout: LakeLayout
+
+    @classmethod
+    def open(cls, settings: Settings) -> Archive:
+        """Open (and, on first use, create) the lake and the index of ``settings``."""
+        settings.data.mkdir(parents=True, exist_ok=True)
+        engine = open_index(settings.resolved_database_url)
+        blobs = open_blob_store(
+            settings.resolved_lake_url,
+            storage_options=settings.storage_options,
+            fsync=settings.fsync,
+        )
+        return cls(settings, engine, blobs, LakeLayout(settings.workspace, settings.dicom_service))
+
+    @property
+    def staging_dir(self) -> Path:
+        """Local folder where uploads land before they are validated and moved into the lake."""
+        path = self.settings.data / "staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()

@@ -1,0 +1,237 @@
+"""Storing received DICOM files: validate, move into the lake, index, in batches.
+
+STOW-RS, C-STORE and bulk ingest all end here, so the same rules apply to each:
+a file that fails leaves nothing behind (no blob, no row); the same SOP Instance
+stored twice with the same bytes is a no-op; with different bytes it is a
+conflict unless the caller asked to replace it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from medlake.dicom.parse import ParsedInstance, read_instance
+from medlake.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    MedlakeError,
+    StorageError,
+    StudyMismatch,
+)
+from medlake.index.writes import InstanceRow, find_existing, partition_id, write_instances
+from medlake.ingest.archive import Archive
+from medlake.types import check_partition
+
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medlake-fsync")
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    """A file received into the staging folder, with its size and SHA-256."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class Outcome(enum.StrEnum):
+    """What happened to one received file."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance, same bytes: nothing to do
+    REPLACED = "replaced"
+    FAILED = "failed"
+
+
+@dataclass
+class StoreResult:
+    """The outcome for one file, with the UIDs read from it (when it could be read)."""
+
+    outcome: Outcome
+    sop_class_uid: str | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    error: MedlakeError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the instance is in the archive after this call."""
+        return self.outcome is not Outcome.FAILED
+
+
+def store_instances(
+    archive: Archive,
+    files: Sequence[ReceivedFile],
+    partition: str,
+    *,
+    expected_study: str | None = None,
+    replace: bool = False,
+) -> list[StoreResult]:
+    """Store ``files`` into ``partition``; one result per file, in order.
+
+    Staging files are always consumed (moved into the lake or deleted).
+    """
+    check_partition(partition)
+    results: list[StoreResult | None] = [None] * len(files)
+    parsed: dict[int, ParsedInstance] = {}
+    try:
+        for i, received in enumerate(files):
+            try:
+                item = read_instance(received.path)
+                if expected_study is not None and item.study_uid != expected_study:
+                    raise StudyMismatch(
+                        f"StudyInstanceUID {item.study_uid} of the instance does not match "
+                        f"{expected_study} in the request URL"
+                    )
+                parsed[i] = item
+            except MedlakeError as exc:
+                results[i] = StoreResult(Outcome.FAILED, error=exc)
+        _store_parsed(archive, files, parsed, results, partition, replace)
+    finally:
+        for received in files:
+            received.path.unlink(missing_ok=True)
+    return [r if r is not None else StoreResult(Outcome.FAILED) for r in results]
+
+
+def _result(item: ParsedInstance, outcome: Outcome, error: MedlakeError | None = None) -> StoreResult:
+    return StoreResult(
+        outcome,
+        sop_class_uid=item.values.get("sop_class_uid"),
+        sop_uid=item.sop_uid,
+        study_uid=item.study_uid,
+        series_uid=item.series_uid,
+        error=error,
+    )
+
+
+def _store_parsed(
+    archive: Archive,
+    files: Sequence[ReceivedFile],
+    parsed: dict[int, ParsedInstance],
+    results: list[StoreResult | None],
+    partition: str,
+    replace: bool,
+) -> None:
+    if not parsed:
+        return
+    try:
+        with archive.engine.connect() as conn:
+            part = partition_id(conn, partition, create=False)
+            existing = (
+                find_existing(conn, part, (p.sop_uid for p in parsed.values()))
+                if part is not None
+                else {}
+            )
+    except SQLAlchemyError as exc:
+        _fail_all(parsed, results, DatabaseUnavailable(f"index unavailable: {exc}"))
+        return
+
+    to_write: dict[str, tuple[int, InstanceRow]] = {}
+    replaced: dict[str, int] = {}
+    for i, item in parsed.items():
+        received = files[i]
+        old = existing.get(item.sop_uid)
+        earlier = to_write.get(item.sop_uid)
+        same_as = old.sha256 if old else (files[earlier[0]].sha256 if earlier else None)
+        if same_as == received.sha256:
+            results[i] = _result(item, Outcome.DUPLICATE)
+            continue
+        if same_as is not None and not replace:
+            results[i] = _result(
+                item,
+                Outcome.FAILED,
+                Conflict(
+                    f"SOP Instance {item.sop_uid} is already stored with different content; "
+                    "use PUT to replace it"
+                ),
+            )
+            continue
+        if old is not None and (old.study_uid, old.series_uid) != (item.study_uid, item.series_uid):
+            results[i] = _result(
+                item,
+                Outcome.FAILED,
+                Conflict(
+                    f"SOP Instance {item.sop_uid} is stored in study {old.study_uid} series "
+                    f"{old.series_uid}; it cannot move to another study or series"
+                ),
+            )
+            continue
+        if old is not None:
+            replaced[item.sop_uid] = old.id
+        key = archive.layout.instance_key(partition, item.study_uid, item.series_uid, item.sop_uid)
+        frame_index = item.frame_index
+        to_write[item.sop_uid] = (
+            i,
+            InstanceRow(
+                study_uid=item.study_uid,
+                series_uid=item.series_uid,
+                sop_uid=item.sop_uid,
+                values=item.values,
+                blob_key=key,
+                size=received.size,
+                sha256=received.sha256,
+                encapsulated=bool(frame_index and frame_index.encapsulated),
+                frames=frame_index.to_json() if frame_index else None,
+                study_extra=item.study_extra,
+                series_extra=item.series_extra,
+            ),
+        )
+    if not to_write:
+        return
+    if archive.settings.fsync:
+        list(_FSYNC_POOL.map(_fsync, (files[i].path for i, _ in to_write.values())))
+    moved: list[tuple[int, InstanceRow]] = []
+    for i, row in to_write.values():
+        try:
+            archive.blobs.put_file(row.blob_key, files[i].path)
+            moved.append((i, row))
+        except MedlakeError as exc:
+            results[i] = _result(parsed[i], Outcome.FAILED, exc)
+    try:
+        with archive.engine.begin() as conn:
+            write_instances(
+                conn,
+                partition,
+                [row for _, row in moved],
+                {uid: rid for uid, rid in replaced.items() if any(r.sop_uid == uid for _, r in moved)},
+            )
+    except SQLAlchemyError as exc:
+        # No orphan blobs: what was just moved into the lake goes again.
+        error = DatabaseUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}")
+        for i, row in moved:
+            if row.sop_uid not in replaced:
+                _discard(archive, row.blob_key)
+            results[i] = _result(parsed[i], Outcome.FAILED, error)
+        return
+    for i, row in moved:
+        results[i] = _result(parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED)
+
+
+def _fail_all(
+    parsed: dict[int, ParsedInstance], results: list[StoreResult | None], error: MedlakeError
+) -> None:
+    for i, item in parsed.items():
+        results[i] = _result(item, Outcome.FAILED, error)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(archive: Archive, key: str) -> None:
+    try:
+        archive.blobs.delete(key)
+    except StorageError:
+        pass
