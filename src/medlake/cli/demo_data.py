@@ -12,7 +12,8 @@ from pydicom.data import get_testdata_file
 #: (patient id, patient name, study description, date, [(template, modality, copies)])
 DEMO_STUDIES = [
     ("DEMO001", "DOE^JANE", "CT CHEST", "20240105", [("CT_small.dcm", "CT", 24)]),
-    ("DEMO002", "ROE^RICHARD", "MR HEAD", "20230611", [("MR_small.dcm", "MR", 8), ("emri_small.dcm", "MR", 1)]),
+    ("DEMO002", "ROE^RICHARD", "MR HEAD", "20230611", [("MR_small.dcm", "MR", 8)]),
+    ("DEMO003", "POE^EDGAR", "US CARDIAC", "20250302", [("examples_ybr_color.dcm", "US", 1)]),
     ("DEMO001", "DOE^JANE", "MIXED CODECS", "20221230", [
         ("JPEG2000.dcm", "CT", 1), ("MR_small_RLE.dcm", "MR", 1),
         ("SC_rgb_jpeg_dcmtk.dcm", "OT", 1), ("JPEGLSNearLossless_16.dcm", "CT", 1),

@@ -207,4 +207,6 @@ async def _get_azure_tier(service_client: Any, container: str, blob: str) -> str
             props = await client.get_blob_properties()
     except ResourceNotFoundError as exc:
         raise FileNotFoundError(f"{container}/{blob}") from exc
-    return str(props.blob_tier) if props.blob_tier else None
+    tier = props.blob_tier
+    # A page blob or an account without tiers has none.
+    return str(getattr(tier, "value", tier)) if tier else None

@@ -1,0 +1,36 @@
+# Targets match the README. `make demo` and `make test` are the two set-up commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install  ## sample studies ingested and served on http://127.0.0.1:8042
+	$(VENV)/bin/medlake demo
+
+test: install  ## the whole suite (SQLite and, when reachable, PostgreSQL; browser tests included)
+	scripts/install-system-deps.sh
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not browser and not cloud" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+bench: install  ## medlake vs Orthanc peer benchmark (~5 min); results in bench-results/
+	benchmarks/dicomweb_vs_orthanc.sh
+
+clean:
+	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache
