@@ -18,6 +18,7 @@ demo: install  ## sample studies ingested and served on http://127.0.0.1:8042
 
 test: install  ## the whole suite (SQLite and, when reachable, PostgreSQL; browser tests included)
 	scripts/install-system-deps.sh
+	scripts/install-ohif.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -41,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALL_AZURITE = REPO_ROOT / "scripts" / "install-azurite.sh"
 NPM_PREFIX = Path(os.environ.get("MEDLAKE_NPM_PREFIX", REPO_ROOT / ".cache" / "npm"))
 
-#: Azurite's fixed development account (public, documented by Microsoft).
+#: Azurite's fixed development account (public, documented by Microsoft). Note the
+#: "...FPTOtr..." (letter O): a copy with "FPTBtr" fails with AuthorizationFailure.
 AZURITE_ACCOUNT_NAME = "devstoreaccount1"
 AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -140,9 +141,9 @@ def _tail(log: Path, lines: int = 30) -> str:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[
-    subprocess.Popen[bytes]
-]:
+def _process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` with output to ``log``; terminate it (then kill) on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(

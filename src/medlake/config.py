@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     health_check_interval: float = Field(
         default=30.0, description="Seconds between writes of the lake health-check file."
     )
+    metadata_refresh_quiet_seconds: float = Field(
+        default=10.0,
+        description="The background refresher rebuilds a series' metadata file once the series "
+        "has received nothing for this many seconds (once per series, not per instance).",
+    )
     max_upload_bytes: int = Field(
         default=0, description="Largest accepted STOW-RS request body in bytes; 0 = no limit."
     )
@@ -65,6 +70,11 @@ class Settings(BaseSettings):
         default=128, description="Most extended query tags a partition may define."
     )
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
+    ohif_dist: Path | None = Field(
+        default=None,
+        description="Folder of the prebuilt OHIF viewer (npm @ohif/app, its dist/) served at /ohif/; "
+        "default {repo or cwd}/.cache/ohif/dist when present (scripts/install-ohif.sh puts it there).",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,22 +10,10 @@ from fastapi import FastAPI
 from medlake import __version__
 from medlake.api import admin_routes, dicomweb_routes
 from medlake.api.errors import install_error_handlers
-from medlake.dicomweb.metadata import refresh_stale_series
+from medlake.dicomweb.metadata_refresher import MetadataRefresher
 from medlake.ingest.archive import Archive
 from medlake.storage.health import LakeHealthCheck
 
-log = logging.getLogger(__name__)
-
-#: Seconds between passes of the series-metadata refresher.
-METADATA_REFRESH_INTERVAL = 2.0
-
-
-def _refresh_loop(archive: Archive, stop: threading.Event) -> None:
-    while not stop.wait(METADATA_REFRESH_INTERVAL):
-        try:
-            refresh_stale_series(archive)
-        except Exception:  # keep refreshing; the read path rebuilds on demand anyway
-            log.exception("series metadata refresh failed")
 
 
 def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
@@ -37,19 +23,17 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     (tests turn it off to control timing; the health check then runs once).
     """
     health = LakeHealthCheck(archive.blobs, archive.layout, archive.settings.health_check_interval)
-    stop = threading.Event()
+    refresher = MetadataRefresher(archive)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if background:
             health.start()
-            threading.Thread(
-                target=_refresh_loop, args=(archive, stop), name="medlake-metadata", daemon=True
-            ).start()
+            refresher.start()
         else:
             health.check_once()
         yield
-        stop.set()
+        refresher.stop()
         health.stop()
 
     app = FastAPI(title="medlake", version=__version__, lifespan=lifespan)

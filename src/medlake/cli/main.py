@@ -61,7 +61,7 @@ def serve(
     """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port."""
     import uvicorn
 
-    from medlake.api import create_app
+    from medlake.web import create_web_app, viewer_path
 
     settings = _settings(data=data, host=host, http_port=http_port, dimse_port=dimse_port)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,10 +71,16 @@ def serve(
         f"index [cyan]{settings.resolved_database_url.split('@')[-1]}[/]"
     )
     console.print(f"DICOMweb: http://{settings.host}:{settings.http_port}/dicomweb")
+    web_app = create_web_app(archive, settings.ohif_dist)
+    viewer = viewer_path(web_app)
+    if viewer:
+        console.print(f"Viewer (OHIF): http://{settings.host}:{settings.http_port}{viewer}")
+    else:
+        console.print("[yellow]no OHIF viewer: run scripts/install-ohif.sh (or set MEDLAKE_OHIF_DIST)[/]")
     if not insecure_no_auth:
         console.print("[yellow]authentication is not built yet: every request is allowed[/]")
     uvicorn.run(
-        create_app(archive),
+        web_app,
         host=settings.host,
         port=settings.http_port,
         log_level="warning",

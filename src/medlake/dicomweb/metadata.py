@@ -9,6 +9,7 @@ instance and never on a read of an up-to-date series.
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import threading
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 
 from medlake.dicom.parse import BULK_DATA_THRESHOLD
 from medlake.errors import NotFound
+from medlake.index.writes import utcnow
 from medlake.index.schema import partitions, series, studies
 from medlake.ingest.archive import Archive
 from medlake.dicomweb.locate import StoredInstance, find_instances
@@ -125,27 +127,17 @@ def _stale_flags(conn: Any, partition: str, study_uid: str, series_uid: str | No
     return flags
 
 
-def stale_series(archive: Archive, limit: int = 50) -> list[tuple[str, str, str]]:
-    """(partition, study, series) of series whose metadata file needs rebuilding."""
+def stale_series(
+    archive: Archive, quiet_seconds: float = 0.0, limit: int = 50
+) -> list[tuple[str, str, str]]:
+    """(partition, study, series) of stale series that received nothing for ``quiet_seconds``."""
+    quiet_since = utcnow() - dt.timedelta(seconds=quiet_seconds)
     with archive.engine.connect() as conn:
         rows = conn.execute(
             select(partitions.c.name, studies.c.study_uid, series.c.series_uid)
             .join(studies, studies.c.id == series.c.study_id)
             .join(partitions, partitions.c.id == series.c.partition_id)
-            .where(series.c.metadata_stale.is_(True))
+            .where(series.c.metadata_stale.is_(True), series.c.updated_at <= quiet_since)
             .limit(limit)
         ).all()
     return [(r[0], r[1], r[2]) for r in rows]
-
-
-def refresh_stale_series(archive: Archive) -> int:
-    """Rebuild every stale series metadata file; returns how many were rebuilt."""
-    done = 0
-    for partition, study_uid, series_uid in stale_series(archive):
-        try:
-            with _BUILD_LOCK:
-                build_series_metadata(archive, partition, study_uid, series_uid)
-            done += 1
-        except NotFound:
-            continue
-    return done

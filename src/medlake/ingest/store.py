@@ -9,9 +9,7 @@ conflict unless the caller asked to replace it.
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +26,6 @@ from medlake.errors import (
 from medlake.index.writes import InstanceRow, find_existing, partition_id, write_instances
 from medlake.ingest.archive import Archive
 from medlake.types import check_partition
-
-_FSYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medlake-fsync")
-
 
 @dataclass(frozen=True)
 class ReceivedFile:
@@ -186,22 +181,23 @@ def _store_parsed(
         )
     if not to_write:
         return
-    if archive.settings.fsync:
-        list(_FSYNC_POOL.map(_fsync, (files[i].path for i, _ in to_write.values())))
+    pending = list(to_write.values())
+    errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
     moved: list[tuple[int, InstanceRow]] = []
-    for i, row in to_write.values():
-        try:
-            archive.blobs.put_file(row.blob_key, files[i].path)
+    for (i, row), error in zip(pending, errors, strict=True):
+        if error is None:
             moved.append((i, row))
-        except MedlakeError as exc:
-            results[i] = _result(parsed[i], Outcome.FAILED, exc)
+        else:
+            failure = error if isinstance(error, MedlakeError) else StorageError(str(error))
+            results[i] = _result(parsed[i], Outcome.FAILED, failure)
     try:
         with archive.engine.begin() as conn:
+            moved_uids = {row.sop_uid for _, row in moved}
             write_instances(
                 conn,
                 partition,
                 [row for _, row in moved],
-                {uid: rid for uid, rid in replaced.items() if any(r.sop_uid == uid for _, r in moved)},
+                {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
             )
     except SQLAlchemyError as exc:
         # No orphan blobs: what was just moved into the lake goes again.
@@ -220,14 +216,6 @@ def _fail_all(
 ) -> None:
     for i, item in parsed.items():
         results[i] = _result(item, Outcome.FAILED, error)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _discard(archive: Archive, key: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +32,21 @@ class BlobStore(ABC):
     def put_file(self, key: str, source: Path) -> None:
         """Store the local file ``source`` at ``key``, atomically, replacing any blob
         there. ``source`` is consumed (moved or deleted) on success."""
+
+    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[Exception | None]:
+        """Store many ``(key, source)`` files; one entry per item: None or the error.
+
+        Backends override this to make a batch cheaper than one ``put_file`` each
+        (e.g. one durable flush per folder instead of per file).
+        """
+        errors: list[Exception | None] = []
+        for key, source in items:
+            try:
+                self.put_file(key, source)
+                errors.append(None)
+            except Exception as exc:  # reported per item: one bad blob must not sink the batch
+                errors.append(exc)
+        return errors
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:

@@ -72,6 +72,7 @@ class FsspecBlobStore(BlobStore):
         return info
 
     def put_file(self, key: str, source: Path) -> None:
+        """Upload ``source`` to ``key`` in one atomic PUT; ``source`` is removed after."""
         # Object stores make a PUT (and a completed multipart upload) atomic;
         # memory:// stores whole values.
         with self._errors(key, "write"):
@@ -79,14 +80,17 @@ class FsspecBlobStore(BlobStore):
         source.unlink(missing_ok=True)
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        """Upload ``data`` to ``key`` in one atomic PUT."""
         with self._errors(key, "write"):
             self._fs.pipe_file(self._full(key), data)
 
     def open(self, key: str) -> BinaryIO:
+        """A seekable reader that fetches ranges of ``key`` on demand."""
         with self._errors(key, "read"):
             return cast(BinaryIO, self._fs.open(self._full(key), "rb"))
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """One ranged GET; a range past the end is clipped like a file read."""
         if length <= 0:
             # An empty range would be sent as an invalid Range header, which S3
             # answers with the whole object and Azure rejects.
@@ -105,14 +109,17 @@ class FsspecBlobStore(BlobStore):
                 raise
 
     def exists(self, key: str) -> bool:
+        """Whether a blob (not a folder/common prefix) is at ``key``."""
         with self._errors(key, "check"):
             return bool(self._fs.isfile(self._full(key)))
 
     def size(self, key: str) -> int:
+        """Size in bytes of the blob at ``key``."""
         with self._errors(key, "stat"):
             return int(self._require_file(key, self._full(key))["size"])
 
     def delete(self, key: str) -> None:
+        """Remove ``key``; a missing blob is not an error."""
         try:
             with self._errors(key, "delete"):
                 self._fs.rm_file(self._full(key))
@@ -120,6 +127,7 @@ class FsspecBlobStore(BlobStore):
             pass  # deleting a missing blob is not an error (S3 says so itself, Azure does not)
 
     def list(self, prefix: str) -> Iterator[str]:
+        """Every key below the folder ``prefix``, relative to the lake root."""
         prefix = prefix.strip("/")
         base = self._full(prefix) if prefix else self._prefix
         with self._errors(prefix, "list"):
@@ -135,6 +143,7 @@ class FsspecBlobStore(BlobStore):
                 yield key
 
     def set_tier(self, key: str, tier: Tier) -> None:
+        """Move ``key`` to ``tier``: S3 storage class, Azure access tier, else bookkeeping."""
         native = _NATIVE_TIERS.get(self._protocol, {}).get(tier)
         path = self._full(key)
         with self._errors(key, f"move to tier {tier} (native {native})"):
@@ -142,7 +151,9 @@ class FsspecBlobStore(BlobStore):
                 self._set_s3_storage_class(key, path, native)
             elif self._protocol == "abfs" and native is not None:
                 container, blob, _version = self._fs.split_path(path)
-                sync(self._fs.loop, _set_azure_tier, self._fs.service_client, container, blob, native)
+                sync(
+                    self._fs.loop, _set_azure_tier, self._fs.service_client, container, blob, native
+                )
             else:
                 # No tiers on this backend: the index's record is the whole move.
                 self._require_file(key, path)
@@ -167,7 +178,9 @@ class FsspecBlobStore(BlobStore):
         with self._errors(key, "read the tier of"):
             if self._protocol == "abfs":
                 container, blob, _version = self._fs.split_path(path)
-                tier = sync(self._fs.loop, _get_azure_tier, self._fs.service_client, container, blob)
+                tier = sync(
+                    self._fs.loop, _get_azure_tier, self._fs.service_client, container, blob
+                )
                 return cast(str | None, tier)
             info = self._require_file(key, path)
             if self._protocol == "s3":
