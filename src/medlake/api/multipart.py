@@ -9,6 +9,7 @@ computed.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,11 @@ from medlake.errors import InvalidInput, PayloadTooLarge
 from medlake.ingest.store import ReceivedFile
 
 
+#: The first bytes of each part are kept in memory: the DICOM header is parsed from them
+#: without opening the staged file again.
+HEAD_BYTES = 64 << 10
+
+
 class StagedPart:
     """One part being written to a staging file."""
 
@@ -29,15 +35,18 @@ class StagedPart:
         self.hash = hashlib.sha256()
         self.size = 0
         self.headers: dict[str, str] = {}
+        self.head = bytearray()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.file.write(data)
         self.hash.update(data)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
         self.size += len(data)
 
     def close(self) -> ReceivedFile:
         self.file.close()
-        return ReceivedFile(self.path, self.size, self.hash.hexdigest())
+        return ReceivedFile(self.path, self.size, self.hash.hexdigest(), bytes(self.head))
 
     def discard(self) -> None:
         self.file.close()
@@ -72,7 +81,7 @@ class MultipartReceiver:
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         assert self._current is not None
-        self._current.write(data[start:end])
+        self._current.write(memoryview(data)[start:end])
 
     def _end(self) -> None:
         assert self._current is not None
@@ -134,6 +143,7 @@ def multipart_close(boundary: str) -> bytes:
 
 
 CHUNK = 1 << 20
+WHOLE_PART = 8 << 20
 
 
 def iter_file(path: Path) -> Iterator[bytes]:
@@ -144,20 +154,27 @@ def iter_file(path: Path) -> Iterator[bytes]:
 
 
 async def aiter_parts(parts: list[tuple[str, Any]], boundary: str) -> AsyncIterator[bytes]:
-    """Stream a multipart body of (content-type, bytes | Path | BinaryIO factory) parts."""
+    """Stream a multipart body of (content-type, bytes | Path | BinaryIO factory) parts.
+
+    A file is read in one exact-size read and sent as is (no concatenation copies); the
+    CRLF that ends a part travels with the next delimiter.
+    """
+    ending = b""
     for content_type, body in parts:
-        yield multipart_frame(boundary, content_type)
+        yield ending + multipart_frame(boundary, content_type)
+        ending = b"\r\n"
         if isinstance(body, bytes):
             yield body
-        elif isinstance(body, Path):
-            for chunk in iter_file(body):
+            continue
+        with body.open("rb", buffering=0) if isinstance(body, Path) else body() as fh:
+            if isinstance(body, Path):
+                size = os.fstat(fh.fileno()).st_size
+                if size <= WHOLE_PART:
+                    yield fh.read(size)
+                    continue
+            while chunk := fh.read(CHUNK):
                 yield chunk
-        else:
-            with body() as fh:
-                while chunk := fh.read(CHUNK):
-                    yield chunk
-        yield b"\r\n"
-    yield multipart_close(boundary)
+    yield ending + multipart_close(boundary)
 
 
 def new_boundary() -> str:

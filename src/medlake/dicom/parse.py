@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -53,30 +54,63 @@ class ParsedInstance:
         return str(self.values["series_uid"])
 
 
-def read_instance(path: Path) -> ParsedInstance:
+def read_instance(path: Path, head: bytes | None = None) -> ParsedInstance:
     """Parse the header of the Part-10 file at ``path`` and locate its frames.
 
-    Raises :class:`InvalidDicom` for bytes that are not DICOM Part 10 and
-    :class:`MissingAttribute` when a required UID is absent or malformed.
+    ``head``, when given, holds the first bytes of the file (kept in memory as it
+    was received): if the header ends inside it, the file is not opened again
+    except to walk encapsulated fragments.
+
+    Raises :class:`InvalidDicom` for bytes that are not DICOM Part 10 or are
+    truncated, and :class:`MissingAttribute` when a required UID is absent or malformed.
     """
     try:
+        size = path.stat().st_size
+        if head is not None:
+            parsed = _read_from_head(path, head, size)
+            if parsed is not None:
+                return parsed
         with path.open("rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             ts = _transfer_syntax(ds)
-            frame_index = None
-            if ts != DeflatedExplicitVRLittleEndian:
-                frame_index = index_pixel_data(
-                    fh,
-                    implicit_vr=ts.is_implicit_VR,
-                    little_endian=ts.is_little_endian,
-                    number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
-                    frame_size=_frame_size(ds),
-                )
+            return _describe(ds, ts, _index_frames(fh, ds, ts, size))
     except InvalidDicomError as exc:
         raise InvalidDicom(f"not a DICOM Part 10 file: {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidDicom(f"unreadable DICOM data: {exc}") from exc
-    return _describe(ds, ts, frame_index)
+
+
+def _read_from_head(path: Path, head: bytes, size: int) -> ParsedInstance | None:
+    buffer = io.BytesIO(head)
+    try:
+        ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        if len(head) >= size:
+            raise
+        return None  # the header runs past the head: parse the file instead
+    position = buffer.tell()
+    if len(head) < size and position + 12 > len(head):
+        return None
+    ts = _transfer_syntax(ds)
+    undefined_length = b"\xff\xff\xff\xff" in head[position + 4 : position + 12]
+    if len(head) < size and undefined_length:  # encapsulated: fragments lie beyond the head
+        with path.open("rb") as fh:
+            fh.seek(position)
+            return _describe(ds, ts, _index_frames(fh, ds, ts, size))
+    return _describe(ds, ts, _index_frames(buffer, ds, ts, size))
+
+
+def _index_frames(fh: BinaryIO, ds: Dataset, ts: UID, size: int) -> FrameIndex | None:
+    if ts == DeflatedExplicitVRLittleEndian:
+        return None
+    return index_pixel_data(
+        fh,
+        implicit_vr=ts.is_implicit_VR,
+        little_endian=ts.is_little_endian,
+        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
+        frame_size=_frame_size(ds),
+        file_size=size,
+    )
 
 
 def _transfer_syntax(ds: Dataset) -> UID:

@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from medlake.errors import InvalidDicom
+
 _ITEM = 0xFFFEE000
 _SEQ_DELIM = 0xFFFEE0DD
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV"}
@@ -45,12 +47,14 @@ def index_pixel_data(
     little_endian: bool,
     number_of_frames: int,
     frame_size: int | None,
+    file_size: int,
 ) -> FrameIndex | None:
     """Index the Pixel Data element at the current position of ``fh``.
 
     ``frame_size`` is the byte length of one native frame (None when unknown).
     Returns None when there is no Pixel Data here or the frames cannot be located
     without decoding (the caller then falls back to reading the whole file).
+    Raises :class:`InvalidDicom` when the pixel data is cut short by the end of the file.
     """
     end = "<" if little_endian else ">"
     header = fh.read(8)
@@ -66,27 +70,38 @@ def index_pixel_data(
     else:
         (length,) = struct.unpack(end + "H", header[6:8])
     start = fh.tell()
+    if length != 0xFFFFFFFF and start + length > file_size:
+        raise InvalidDicom(
+            f"truncated file: Pixel Data declares {length} bytes but only "
+            f"{max(file_size - start, 0)} follow"
+        )
     if length != 0xFFFFFFFF:
         if not frame_size or frame_size * number_of_frames > length:
             return FrameIndex(False, [[(start, length)]]) if number_of_frames == 1 else None
         return FrameIndex(
             False, [[(start + i * frame_size, frame_size)] for i in range(number_of_frames)]
         )
-    return _index_fragments(fh, end, number_of_frames)
+    return _index_fragments(fh, end, number_of_frames, file_size)
 
 
-def _index_fragments(fh: BinaryIO, end: str, number_of_frames: int) -> FrameIndex | None:
+def _index_fragments(
+    fh: BinaryIO, end: str, number_of_frames: int, file_size: int
+) -> FrameIndex | None:
     items: list[tuple[int, int]] = []  # (value offset, length), BOT first
     while True:
         raw = fh.read(8)
         if len(raw) < 8:
-            return None
+            raise InvalidDicom("truncated file: encapsulated Pixel Data has no sequence delimiter")
         tag_group, tag_elem, length = struct.unpack(end + "HHI", raw)
         tag = tag_group << 16 | tag_elem
         if tag == _SEQ_DELIM:
             break
         if tag != _ITEM or length == 0xFFFFFFFF:
             return None
+        if fh.tell() + length > file_size:
+            raise InvalidDicom(
+                f"truncated file: a Pixel Data fragment of {length} bytes runs past the end"
+            )
         items.append((fh.tell(), length))
         fh.seek(length, 1)
     if not items:

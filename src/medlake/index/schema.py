@@ -183,6 +183,8 @@ extended_query_tags = Table(
     Column("tag", String(8), nullable=False, unique=True),
     Column("keyword", String(64)),
     Column("vr", String(2), nullable=False),
+    #: Private tags: the Private Creator whose block the element belongs to.
+    Column("private_creator", String(64)),
     Column("level", String(8), nullable=False),
     Column("status", String(10), nullable=False),  # adding | ready | deleting
     Column("operation_id", String(36)),
@@ -202,6 +204,22 @@ extended_query_tag_values = Table(
     Column("value_number", Float),
     Index(None, "tag_id", "value_text"),
     Index(None, "tag_id", "value_number"),
+    # Deleting an instance cascades here; without it PostgreSQL scans the table.
+    Index(None, "instance_id"),
+)
+
+#: Values that could not be indexed (wrong format for the VR, several values, unreadable
+#: file), one row per tag and instance, so nothing is skipped silently.
+extended_query_tag_errors = Table(
+    "extended_query_tag_errors",
+    metadata,
+    Column(
+        "tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("instance_id", ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    Column("message", String(512), nullable=False),
+    Column("created_at", TS, nullable=False),
+    Index(None, "instance_id"),
 )
 
 operations = Table(

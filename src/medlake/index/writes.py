@@ -132,6 +132,8 @@ def write_instances(
         conn.execute(delete(instances).where(instances.c.id.in_(list(replaced.values()))))
     study_ids = _ensure_studies(conn, part, rows, now)
     series_ids = _ensure_series(conn, part, rows, study_ids, now)
+    if replaced:
+        _take_attributes_of(conn, [r for r in rows if r.sop_uid in replaced], study_ids, series_ids, now)
     instance_rows = [
         {
             "partition_id": part,
@@ -190,14 +192,9 @@ def _ensure_studies(
         {
             "partition_id": part,
             "study_uid": uid,
-            **{c: r.values.get(c) for c in STUDY_COLUMNS},
-            "patient_name_search": person_name_search(r.values.get("patient_name")),
-            "referring_physician_name_search": person_name_search(
-                r.values.get("referring_physician_name")
-            ),
+            **_study_values(r),
             "num_series": 0,
             "num_instances": 0,
-            "extra": orjson.dumps(r.study_extra).decode(),
             "created_at": now,
             "updated_at": now,
         }
@@ -228,9 +225,8 @@ def _ensure_series(
             "partition_id": part,
             "study_id": study_ids[r.study_uid],
             "series_uid": uid,
-            **{c: r.values.get(c) for c in SERIES_COLUMNS},
+            **_series_values(r),
             "num_instances": 0,
-            "extra": orjson.dumps(r.series_extra).decode(),
             "metadata_stale": True,
             "created_at": now,
             "updated_at": now,
@@ -245,6 +241,46 @@ def _ensure_series(
             )
         ).all()
     )
+
+
+def _study_values(r: InstanceRow) -> dict[str, Any]:
+    return {
+        **{c: r.values.get(c) for c in STUDY_COLUMNS},
+        "patient_name_search": person_name_search(r.values.get("patient_name")),
+        "referring_physician_name_search": person_name_search(
+            r.values.get("referring_physician_name")
+        ),
+        "extra": orjson.dumps(r.study_extra).decode(),
+    }
+
+
+def _series_values(r: InstanceRow) -> dict[str, Any]:
+    return {
+        **{c: r.values.get(c) for c in SERIES_COLUMNS},
+        "extra": orjson.dumps(r.series_extra).decode(),
+    }
+
+
+def _take_attributes_of(
+    conn: Connection,
+    rows: Sequence[InstanceRow],
+    study_ids: dict[str, int],
+    series_ids: dict[str, int],
+    now: dt.datetime,
+) -> None:
+    """Upsert: a replacing instance's study and series attributes overwrite the stored ones,
+    so QIDO answers with what was stored last (as WADO metadata does)."""
+    for r in rows:
+        conn.execute(
+            update(studies)
+            .where(studies.c.id == study_ids[r.study_uid])
+            .values(**_study_values(r), updated_at=now)
+        )
+        conn.execute(
+            update(series)
+            .where(series.c.id == series_ids[r.series_uid])
+            .values(**_series_values(r), updated_at=now)
+        )
 
 
 def _record_changes(

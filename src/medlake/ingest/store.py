@@ -34,6 +34,8 @@ class ReceivedFile:
     path: Path
     size: int
     sha256: str
+    #: The first bytes of the file when the receiver kept them (saves re-reading the header).
+    head: bytes | None = None
 
 
 class Outcome(enum.StrEnum):
@@ -80,7 +82,7 @@ def store_instances(
     try:
         for i, received in enumerate(files):
             try:
-                item = read_instance(received.path)
+                item = read_instance(received.path, received.head)
                 if expected_study is not None and item.study_uid != expected_study:
                     raise StudyMismatch(
                         f"StudyInstanceUID {item.study_uid} of the instance does not match "

@@ -1,0 +1,760 @@
+#!/usr/bin/env python3
+"""Scale benchmark of the index: N synthetic instances (metadata only), then QIDO latencies.
+
+    .venv/bin/python benchmarks/scale_index.py --instances 1000000 --db both \
+        [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--out FILE] \
+        [--runs 20] [--batch 1000] [--seed 1] [--try-indexes] [--profile-batches 30] [--keep]
+
+What it does, per backend (SQLite in a temp folder, PostgreSQL in a fresh database
+``medlake_scale_<random>`` created on the server of ``--pg-url`` and dropped at the end):
+
+1. opens a real :class:`medlake.ingest.archive.Archive` on it (``open_index`` runs the
+   migrations, as the server does);
+2. writes N deterministic synthetic instances (no files: ``blob_key`` and ``sha256`` are
+   fake) through :func:`medlake.index.writes.write_instances`, ``--batch`` rows per
+   transaction (``engine.begin()``), the way ``ingest.store`` writes; only the time
+   inside those transactions counts for ``insert_inst_per_s``;
+3. times QIDO queries through :func:`medlake.dicomweb.search.run_search` (the whole
+   QIDO path minus HTTP: partition check, extended tags, parse, count + page SQL,
+   DICOM JSON) plus ``orjson.dumps`` of the result (what the route sends): median and
+   p90 of ``--runs`` after one warm-up; the SQL alone (``index.qido.search``) is timed
+   the same way and given in the details;
+4. prints the plan (SQLite ``EXPLAIN QUERY PLAN`` / PostgreSQL ``EXPLAIN``) of the
+   count and the page statement of each query, and whether a table is fully scanned;
+5. with ``--try-indexes``: creates candidate indexes in the benchmark database only
+   (never in the schema) and times the queries again (``qido_idx.*`` figures).
+
+Output lines follow the shared bench format ``<figure> <value> <unit>  # details``;
+comment lines (``#``) carry the header, the plans and the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import os
+import platform
+import pstats
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+
+from medlake.config import Settings
+from medlake.dicom.attributes import Level
+from medlake.dicomweb.search import parse_query, run_search
+from medlake.index.qido import MAX_LIMIT, build_select, search
+from medlake.index.schema import instances, series, studies
+from medlake.index.writes import InstanceRow, write_instances
+from medlake.ingest.archive import Archive
+from medlake.storage import LakeLayout
+from medlake.types import DEFAULT_PARTITION
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_URL = "http://127.0.0.1:8042/dicomweb"  # what the route passes (RetrieveURL built)
+DATE_RANGE = ("20180101", "20201231")  # 3 years, as the shared bench
+NAME_WILDCARD = "SMI*"
+FUZZY_NAME = "smi"
+DEEP_OFFSET, DEEP_LIMIT = 5000, 100
+err = Console(stderr=True)
+
+# ----------------------------------------------------------------------------- dataset
+
+# Family names with a Zipf-like weight (rank r -> 1/(r+1)); SMITH is the most common
+# and SMITHSON/SMIRNOV/SMILEY share its prefix so SMI* matches several families.
+FAMILY = (
+    "SMITH JOHNSON WILLIAMS BROWN JONES GARCIA MILLER DAVIS RODRIGUEZ MARTINEZ "
+    "HERNANDEZ LOPEZ GONZALEZ WILSON ANDERSON THOMAS TAYLOR MOORE JACKSON MARTIN "
+    "LEE PEREZ THOMPSON WHITE HARRIS SANCHEZ CLARK RAMIREZ LEWIS ROBINSON WALKER "
+    "YOUNG ALLEN KING WRIGHT SCOTT TORRES NGUYEN HILL FLORES MULLER SCHMIDT "
+    "SCHNEIDER FISCHER WEBER DUBOIS MOREAU LAURENT ROSSI RUSSO FERRARI TANAKA "
+    "SUZUKI KOWALSKI NOWAK SILVA SANTOS OBRIEN MURPHY PETERS SMITHSON SMIRNOV "
+    "SMILEY IVANOV PETROV KIM PARK CHEN WANG LI ZHANG"
+).split()
+FAMILY_MULTI = ["VAN DER BERG", "DE LA CRUZ", "O NEILL", "MAC SMITH"]  # spaces inside
+GIVEN = (
+    "JAMES MARY JOHN PATRICIA ROBERT JENNIFER MICHAEL LINDA WILLIAM ELIZABETH DAVID "
+    "BARBARA RICHARD SUSAN JOSEPH JESSICA THOMAS SARAH CHARLES KAREN ANNA PETER LUCA "
+    "SOFIA HIRO EMMA OMAR LENA PAUL IRIS MARC NINA TOM ZOE SMILLA"
+).split()
+STUDY_MODALITY_WEIGHTS = {"CT": 0.35, "MR": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10}
+SERIES_RANGE = {"CT": (3, 6), "MR": (3, 6), "US": (1, 4), "CR": (1, 3), "DX": (1, 3)}
+INSTANCE_RANGE = {"CT": (20, 60), "MR": (15, 40), "US": (1, 30), "CR": (1, 2), "DX": (1, 2)}
+SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+}
+PIXELS = {"CT": (512, 512, 16), "MR": (256, 256, 16), "US": (600, 800, 8),
+          "CR": (2048, 2500, 16), "DX": (3000, 2500, 16)}  # fmt: skip
+TSYNTAX = {
+    "CT": "1.2.840.10008.1.2.1",
+    "MR": "1.2.840.10008.1.2.1",
+    "US": "1.2.840.10008.1.2.4.50",
+    "CR": "1.2.840.10008.1.2.4.90",
+    "DX": "1.2.840.10008.1.2.4.90",
+}
+BODY = {"CT": ["CHEST", "ABDOMEN", "HEAD", "PELVIS"], "MR": ["HEAD", "KNEE", "LSPINE", "ABDOMEN"],
+        "US": ["ABDOMEN", "NECK", "PELVIS"], "CR": ["CHEST", "HAND", "KNEE"],
+        "DX": ["CHEST", "FOOT", "SPINE"]}  # fmt: skip
+DESCS = {
+    "CT": ["AX 5mm", "AX 1.25mm BONE", "COR MPR", "SAG MPR", "ARTERIAL", "VENOUS"],
+    "MR": ["T1 AX", "T2 AX", "FLAIR AX", "DWI", "T1 POST GD", "T2 COR"],
+    "US": ["B-MODE", "DOPPLER", "CINE CLIPS", "MEASUREMENTS"],
+    "CR": ["PA", "LAT", "AP"],
+    "DX": ["PA", "LAT", "OBLIQUE"],
+}
+INSTITUTIONS = ["GENERAL HOSPITAL", "CITY CLINIC", "UNIVERSITY MEDICAL CENTER"]
+REFERRING = ["HOUSE^GREGORY", "GREY^MEREDITH", "ROSS^DOUG", "CARTER^JOHN", None]
+MANUFACTURERS = ["SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "CANON_MEC", "FUJIFILM"]
+
+
+@dataclass
+class SeriesPlan:
+    uid: str
+    number: int
+    modality: str
+    description: str
+    body_part: str
+    instances: int
+
+
+@dataclass
+class StudyPlan:
+    uid: str
+    patient: int
+    date: str
+    modality: str
+    series: list[SeriesPlan] = field(default_factory=list)
+
+    @property
+    def instances(self) -> int:
+        return sum(s.instances for s in self.series)
+
+
+@dataclass
+class Patient:
+    id: str
+    name: str
+    sex: str
+    birth: str
+
+
+@dataclass
+class Dataset:
+    instances: int
+    seed: int
+    patients: list[Patient]
+    studies: list[StudyPlan]
+
+    def describe(self) -> str:
+        n_series = sum(len(s.series) for s in self.studies)
+        mods = Counter(se.modality for st in self.studies for se in st.series)
+        return (
+            f"{self.instances} instances = {len(self.studies)} studies x "
+            f"{n_series / len(self.studies):.2f} series x "
+            f"{self.instances / max(n_series, 1):.1f} instances (avg), "
+            f"{n_series} series, {len({s.patient for s in self.studies})} patients, "
+            f"series modalities {dict(mods.most_common())}, seed={self.seed}, metadata only"
+        )
+
+
+def uid128(rng: random.Random) -> str:
+    """A 2.25.<128-bit> UID (43-44 characters, like generate_uid())."""
+    return f"2.25.{rng.getrandbits(128)}"
+
+
+def make_dataset(n_instances: int, seed: int) -> Dataset:
+    """Plan studies/series (deterministic for ``seed``) until ``n_instances`` are reached."""
+    rng = random.Random(seed)
+    n_studies_guess = max(1, round(n_instances / 100))
+    n_pat = max(1, round(n_studies_guess * 0.3))
+    fam_w = [1 / (r + 1) for r in range(len(FAMILY))]
+    patients = []
+    for p in range(n_pat):
+        if rng.random() < 0.01:
+            family = rng.choice(FAMILY_MULTI)
+        else:
+            family = rng.choices(FAMILY, fam_w)[0]
+        name = f"{family}^{rng.choice(GIVEN)}"
+        if rng.random() < 0.3:
+            name += f"^{rng.choice('ABCDEFGHJKLMNPRSTW')}"
+        if rng.random() < 0.1:  # some senders write mixed case
+            name = "^".join(part.title() for part in name.split("^"))
+        birth = dt.date(1930, 1, 1) + dt.timedelta(days=rng.randrange(0, 90 * 365))
+        patients.append(Patient(f"MRN{p + 1:07d}", name, rng.choice("MF"), birth.strftime("%Y%m%d")))
+    # After one study each, patients are drawn with weight 1/(rank+50): a few patients
+    # with dozens of studies, most with one to three.
+    ranks = list(range(n_pat))
+    rng.shuffle(ranks)
+    pat_w = [1 / (ranks[p] + 50) for p in range(n_pat)]
+    mods, mod_w = list(STUDY_MODALITY_WEIGHTS), list(STUDY_MODALITY_WEIGHTS.values())
+    day0, days = dt.date(2010, 1, 1), (dt.date(2025, 12, 31) - dt.date(2010, 1, 1)).days + 1
+    studies: list[StudyPlan] = []
+    total = 0
+    while total < n_instances:
+        s = len(studies)
+        pat = s if s < n_pat else rng.choices(range(n_pat), pat_w)[0]
+        mod = rng.choices(mods, mod_w)[0]
+        date = (day0 + dt.timedelta(days=rng.randrange(days))).strftime("%Y%m%d")
+        study = StudyPlan(uid128(rng), pat, date, mod)
+        n_series = rng.randint(*SERIES_RANGE[mod])
+        for r in range(n_series):
+            # 5 % of CT/MR studies end with a CR/DX series (ModalitiesInStudy has two values)
+            se_mod = mod
+            if r == n_series - 1 and r > 0 and mod in ("CT", "MR") and rng.random() < 0.05:
+                se_mod = rng.choice(["CR", "DX"])
+            n_inst = min(rng.randint(*INSTANCE_RANGE[se_mod]), n_instances - total)
+            study.series.append(
+                SeriesPlan(uid128(rng), r + 1, se_mod, rng.choice(DESCS[se_mod]),
+                           rng.choice(BODY[se_mod]), n_inst)  # fmt: skip
+            )
+            total += n_inst
+            if total >= n_instances:
+                break
+        studies.append(study)
+    return Dataset(n_instances, seed, patients, studies)
+
+
+def instance_rows(ds: Dataset, partition: str) -> Iterator[InstanceRow]:
+    """Every instance of ``ds``, study by study (the order an archive receives them)."""
+    rng = random.Random(ds.seed + 1)
+    layout = LakeLayout()
+    for s_idx, st in enumerate(ds.studies):
+        pat = ds.patients[st.patient]
+        stime = f"{rng.randrange(7, 19):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}"
+        study_vals = {
+            "specific_character_set": "ISO_IR 100" if rng.random() < 0.5 else None,
+            "study_date": st.date,
+            "study_time": stime,
+            "accession_number": f"ACC{s_idx + 1:09d}",
+            "referring_physician_name": rng.choice(REFERRING),
+            "timezone_offset_from_utc": None,
+            "study_description": f"{st.modality} {rng.choice(BODY[st.modality])}",
+            "patient_name": pat.name,
+            "patient_id": pat.id,
+            "issuer_of_patient_id": "HOSP",
+            "patient_birth_date": pat.birth,
+            "patient_sex": pat.sex,
+            "study_uid": st.uid,
+            "study_id": str(s_idx + 1),
+        }
+        age = (int(st.date[:4]) - int(pat.birth[:4])) or 1
+        study_extra = {
+            "00101010": {"vr": "AS", "Value": [f"{age:03d}Y"]},
+            "00080080": {"vr": "LO", "Value": [rng.choice(INSTITUTIONS)]},
+        }
+        for se in st.series:
+            rows_, cols, bits = PIXELS[se.modality]
+            series_vals = {
+                "modality": se.modality,
+                "series_description": se.description,
+                "body_part_examined": se.body_part,
+                "series_number": se.number,
+                "pps_start_date": st.date,
+                "pps_start_time": stime,
+                "series_uid": se.uid,
+            }
+            series_extra = {
+                "00080070": {"vr": "LO", "Value": [rng.choice(MANUFACTURERS)]},
+                "00181030": {"vr": "LO", "Value": [se.description]},
+                "00080021": {"vr": "DA", "Value": [st.date]},
+            }
+            frames_n = rng.randint(20, 120) if se.modality == "US" and rng.random() < 0.3 else 1
+            encapsulated = TSYNTAX[se.modality] != "1.2.840.10008.1.2.1"
+            for i in range(se.instances):
+                sop = uid128(rng)
+                size = rows_ * cols * bits // 8 * frames_n
+                if encapsulated:
+                    size //= 3
+                    frames = [[[2100 + k * 1000, size // frames_n]] for k in range(frames_n)]
+                else:
+                    frames = [[[2100, size]]]
+                values = {
+                    **study_vals,
+                    **series_vals,
+                    "sop_uid": sop,
+                    "sop_class_uid": SOP_CLASS[se.modality],
+                    "instance_number": i + 1,
+                    "rows": rows_,
+                    "columns": cols,
+                    "bits_allocated": bits,
+                    "number_of_frames": frames_n if frames_n > 1 else None,
+                    "transfer_syntax_uid": TSYNTAX[se.modality],
+                }
+                yield InstanceRow(
+                    study_uid=st.uid,
+                    series_uid=se.uid,
+                    sop_uid=sop,
+                    values=values,
+                    blob_key=layout.instance_key(partition, st.uid, se.uid, sop),
+                    size=size + 2100,
+                    sha256=f"{rng.getrandbits(256):064x}",
+                    encapsulated=encapsulated,
+                    frames=frames,
+                    study_extra=study_extra,
+                    series_extra=series_extra,
+                )
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class Query:
+    name: str
+    level: Level
+    params: list[tuple[str, str]]
+    expected_n: int
+    expected_total: int
+    study_uid: str | None = None
+    series_uid: str | None = None
+
+    def shown(self) -> str:
+        path = {"study": "/studies", "series": "/series", "instance": "/instances"}[self.level]
+        if self.series_uid:
+            path = "/studies/{uid}/series/{uid}/instances"
+        q = "&".join(f"{k}={v}" for k, v in self.params)
+        return path + (f"?{q}" if q else "")
+
+
+def _fuzzy_hit(name: str, word: str) -> bool:
+    spaced = " " + name.upper().replace("^", " ").replace("=", " ")
+    return f" {word.upper()}" in spaced
+
+
+def make_queries(ds: Dataset) -> list[Query]:
+    """The shared bench's six QIDO queries plus three, with answers computed from ``ds``."""
+    default = 1000
+    by_pat = Counter(st.patient for st in ds.studies)
+    top = max(by_pat, key=lambda p: (by_pat[p], -p))
+    pid = ds.patients[top].id
+    studies_total = len(ds.studies)
+    lo, hi = DATE_RANGE
+    n_date = sum(lo <= st.date <= hi for st in ds.studies)
+    prefix = NAME_WILDCARD.rstrip("*")
+    n_name = sum(ds.patients[st.patient].name.upper().startswith(prefix) for st in ds.studies)
+    n_fuzzy = sum(_fuzzy_hit(ds.patients[st.patient].name, FUZZY_NAME) for st in ds.studies)
+    n_ct = sum(se.modality == "CT" for st in ds.studies for se in st.series)
+    n_pat_series = sum(len(st.series) for st in ds.studies if st.patient == top)
+    big = max(ds.studies, key=lambda st: (st.instances, st.uid))
+    ser = big.series[0]
+    S, SE, I = Level.STUDY, Level.SERIES, Level.INSTANCE
+    return [
+        Query("studies_by_patientid", S, [("PatientID", pid)], by_pat[top], by_pat[top]),
+        Query("studies_by_date_range", S, [("StudyDate", f"{lo}-{hi}")],
+              min(n_date, default), n_date),
+        Query("studies_by_name_wildcard", S, [("PatientName", NAME_WILDCARD)],
+              min(n_name, default), n_name),
+        Query("series_by_modality", SE, [("Modality", "CT")], min(n_ct, default), n_ct),
+        Query("instances_of_series", I, [], ser.instances, ser.instances,
+              study_uid=big.uid, series_uid=ser.uid),
+        Query("studies_ohif_worklist", S,
+              [("limit", "101"), ("offset", "0"), ("fuzzymatching", "false"),
+               ("includefield", "00081030,00080060")], min(101, studies_total), studies_total),
+        Query("studies_fuzzy_name", S, [("PatientName", FUZZY_NAME), ("fuzzymatching", "true")],
+              min(n_fuzzy, default), n_fuzzy),
+        Query("studies_deep_page", S, [("offset", str(DEEP_OFFSET)), ("limit", str(DEEP_LIMIT))],
+              max(0, min(DEEP_LIMIT, studies_total - DEEP_OFFSET)), studies_total),
+        Query("series_by_patientid", SE, [("PatientID", pid)], min(n_pat_series, default),
+              n_pat_series),
+    ]  # fmt: skip
+
+
+def pctl(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    k = (len(s) - 1) * p / 100
+    f = int(k)
+    return s[f] if f + 1 >= len(s) else s[f] + (s[f + 1] - s[f]) * (k - f)
+
+
+def timed(fn: Callable[[], Any], runs: int) -> tuple[list[float], Any]:
+    out = fn()  # warm-up, not counted
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append((time.perf_counter() - t0) * 1000)
+    return ts, out
+
+
+def qido_statements(q: Query) -> tuple[Any, Any]:
+    """The count and page statements ``index.qido.search`` runs for ``q``."""
+    query, _ = parse_query(q.level, DEFAULT_PARTITION, q.params, study_uid=q.study_uid,
+                           series_uid=q.series_uid, extended={})  # fmt: skip
+    stmt = build_select(query)
+    order = {Level.STUDY: studies, Level.SERIES: series, Level.INSTANCE: instances}[q.level].c.id
+    count = select(func.count()).select_from(stmt.subquery())
+    page = stmt.order_by(order).limit(min(query.limit, MAX_LIMIT)).offset(query.offset)
+    return count, page
+
+
+def explain(engine: sqlalchemy.Engine, stmt: Any) -> list[str]:
+    sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql).all()
+            return [r[3] for r in rows]
+        return [r[0] for r in conn.exec_driver_sql("EXPLAIN (COSTS OFF) " + sql).all()]
+
+
+BIG_TABLES = ("studies", "series", "instances")
+
+
+def full_scans(backend: str, plan: list[str]) -> list[str]:
+    """Tables of ``plan`` read in full (not through an index search)."""
+    found = []
+    for line in plan:
+        s = line.strip().lstrip("->").strip()
+        if backend == "sqlite":
+            # "SCAN studies" / "SCAN studies USING INDEX x" (whole index walked) vs "SEARCH"
+            if s.startswith("SCAN "):
+                table = s.split()[1]
+                if table in BIG_TABLES:
+                    found.append(s)
+        elif s.startswith("Seq Scan on "):
+            table = s.split()[3]
+            if table in BIG_TABLES:
+                found.append(s)
+    return found
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    name: str  # sqlite | postgresql
+    url: str
+    data: Path
+    cleanup: Callable[[], None]
+    describe: str
+
+
+def sqlite_backend(tmp_root: str | None) -> Backend:
+    data = Path(tempfile.mkdtemp(prefix="medlake-scale-", dir=tmp_root))
+    return Backend("sqlite", f"sqlite:///{data / 'index.sqlite'}", data,
+                   lambda: shutil.rmtree(data, ignore_errors=True),
+                   f"SQLite {sqlite_version()} file {data / 'index.sqlite'} (WAL, synchronous=NORMAL)")  # fmt: skip
+
+
+def sqlite_version() -> str:
+    import sqlite3
+
+    return sqlite3.sqlite_version
+
+
+def pg_backend(admin_url: str, tmp_root: str | None) -> Backend:
+    import psycopg
+
+    name = f"medlake_scale_{secrets.token_hex(4)}"
+    admin = make_url(admin_url).set(drivername="postgresql")
+    conninfo = admin.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        settings = {
+            k: conn.execute(f"SHOW {k}").fetchone()[0]  # type: ignore[index]
+            for k in ("shared_buffers", "work_mem", "synchronous_commit", "lc_collate")
+        }
+    url = admin.set(drivername="postgresql+psycopg", database=name)
+    data = Path(tempfile.mkdtemp(prefix="medlake-scale-pg-", dir=tmp_root))
+
+    def drop() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(data, ignore_errors=True)
+
+    return Backend("postgresql", url.render_as_string(hide_password=False), data, drop,
+                   f"PostgreSQL {version} database {name} on {admin.host}:{admin.port or 5432} "
+                   + " ".join(f"{k}={v}" for k, v in settings.items()))  # fmt: skip
+
+
+def db_size_mb(backend: Backend, engine: sqlalchemy.Engine) -> float:
+    if backend.name == "sqlite":
+        return sum(p.stat().st_size for p in backend.data.glob("index.sqlite*")) / 1e6
+    with engine.connect() as conn:
+        return float(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()) / 1e6
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Out:
+    """Figure lines to stdout and, with --out, to a file."""
+
+    def __init__(self, path: str | None) -> None:
+        self.fh = open(path, "w") if path else None  # noqa: SIM115
+
+    def line(self, s: str = "") -> None:
+        print(s, flush=True)
+        if self.fh:
+            self.fh.write(s + "\n")
+            self.fh.flush()
+
+    def fig(self, name: str, value: float, unit: str, details: str = "") -> None:
+        shown = f"{value:.3f}" if value < 10 else f"{value:.1f}"
+        self.line(f"{name:<52} {shown:>10} {unit:<8}  # {details}")
+
+    def comment(self, s: str) -> None:
+        self.line(f"# {s}")
+
+
+def insert_all(archive: Archive, ds: Dataset, batch: int, profile_batches: int,
+               out: Out, prefix: str) -> None:  # fmt: skip
+    n = ds.instances
+    n_batches = (n + batch - 1) // batch
+    # profile a run of consecutive batches from the middle of the load (excluded from the rate)
+    prof_from = n_batches // 2
+    prof_to = prof_from + profile_batches
+    profiler = cProfile.Profile() if profile_batches else None
+    db_time = gen_time = prof_time = 0.0
+    timeline: list[tuple[int, float]] = []  # (instances done, cumulative db seconds)
+    done = prof_n = 0
+    rows = instance_rows(ds, DEFAULT_PARTITION)
+    t_wall = time.perf_counter()
+    with Progress(
+        TextColumn(f"[bold]{prefix}[/] insert"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7} inst/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err, transient=False, refresh_per_second=4,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("insert", total=n, rate="-")
+        for b in range(n_batches):
+            t0 = time.perf_counter()
+            chunk = [r for _, r in zip(range(batch), rows, strict=False)]
+            t1 = time.perf_counter()
+            gen_time += t1 - t0
+            profiling = profiler is not None and prof_from <= b < prof_to
+            if profiling:
+                profiler.enable()  # type: ignore[union-attr]
+            with archive.engine.begin() as conn:
+                write_instances(conn, DEFAULT_PARTITION, chunk, {})
+            if profiling:
+                profiler.disable()  # type: ignore[union-attr]
+            dt_ = time.perf_counter() - t1
+            done += len(chunk)
+            if profiling:
+                prof_time += dt_
+                prof_n += len(chunk)
+            else:
+                db_time += dt_
+                timeline.append((done - prof_n, db_time))
+            progress.update(task, advance=len(chunk),
+                            rate=f"{(done - prof_n) / db_time:,.0f}" if db_time else "-")  # fmt: skip
+    wall = time.perf_counter() - t_wall
+    counted = done - prof_n
+    rate = counted / db_time
+    out.fig(f"{prefix}.insert_inst_per_s", rate, "inst/s",
+            f"{counted} instances via write_instances, {batch}/transaction, {db_time:.1f}s in "
+            f"transactions (wall {wall:.1f}s incl. {gen_time:.1f}s generating rows"
+            + (f", {prof_n} profiled instances excluded" if prof_n else "") + ")")  # fmt: skip
+    # rate over the first and the last 10 % of the load: does it slow down as tables grow?
+    tenth = max(1, len(timeline) // 10)
+    first = timeline[tenth - 1]
+    last_start, last_end = timeline[-tenth - 1], timeline[-1]
+    out.fig(f"{prefix}.insert_inst_per_s_first10pct", first[0] / first[1], "inst/s",
+            f"first {first[0]} instances")  # fmt: skip
+    out.fig(f"{prefix}.insert_inst_per_s_last10pct",
+            (last_end[0] - last_start[0]) / (last_end[1] - last_start[1]), "inst/s",
+            f"last {last_end[0] - last_start[0]} instances (tables near full size)")  # fmt: skip
+    if profiler is not None and prof_n:
+        out.comment(f"profile of write_instances over {prof_n} instances ({profile_batches} "
+                    f"batches from the middle of the load): {prof_n / prof_time:,.0f} inst/s "
+                    "under cProfile; top functions by cumulative time:")  # fmt: skip
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(28)
+        for line in buf.getvalue().splitlines():
+            if line.strip() and not line.startswith(("   Ordered by", "         ")):
+                out.comment("  " + line.rstrip()[:160])
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(15)
+        out.comment("top functions by own time:")
+        for line in buf.getvalue().splitlines():
+            if line.strip() and not line.startswith(("   Ordered by", "         ")):
+                out.comment("  " + line.rstrip()[:160])
+
+
+def time_queries(archive: Archive, queries: list[Query], runs: int, out: Out, prefix: str,
+                 label: str, plans: bool) -> dict[str, float]:  # fmt: skip
+    medians: dict[str, float] = {}
+    backend = archive.engine.dialect.name
+    for q in queries:
+        def full(q: Query = q) -> tuple[int, int]:
+            res = run_search(archive, q.level, DEFAULT_PARTITION, q.params, study_uid=q.study_uid,
+                             series_uid=q.series_uid, base_url=BASE_URL)  # fmt: skip
+            orjson.dumps(res.datasets)
+            return len(res.datasets), res.total
+
+        query, _ = parse_query(q.level, DEFAULT_PARTITION, q.params, study_uid=q.study_uid,
+                               series_uid=q.series_uid, extended={})  # fmt: skip
+
+        def sql_only(query: Any = query) -> int:
+            with archive.engine.connect() as conn:
+                return len(search(conn, query).rows)
+
+        ts, (n, total) = timed(full, runs)
+        ts_sql, _ = timed(sql_only, runs)
+        ok = n == q.expected_n and total == q.expected_total
+        scans: list[str] = []
+        plan_lines: list[str] = []
+        for kind, stmt in zip(("count", "page"), qido_statements(q), strict=True):
+            plan = explain(archive.engine, stmt)
+            scans += [f"{kind}: {s}" for s in full_scans(backend, plan)]
+            plan_lines += [f"  {kind}: {line}" for line in plan]
+        med = statistics.median(ts)
+        medians[q.name] = med
+        out.fig(f"{prefix}.{label}.{q.name}_ms", med, "ms",
+                f"p90={pctl(ts, 90):.1f} min={min(ts):.1f} sql={statistics.median(ts_sql):.1f} "
+                f"n={n} total={total} expected={q.expected_n}/{q.expected_total}"
+                f"{'' if ok else ' MISMATCH'} "
+                f"plan={'FULL SCAN [' + '; '.join(scans) + ']' if scans else 'index'} "
+                f"{q.shown()}")  # fmt: skip
+        if plans:
+            for line in plan_lines:
+                out.comment(f"    plan {q.name} {line}")
+    return medians
+
+
+# Candidate indexes tried with --try-indexes, per backend: (name, DDL, why).
+CANDIDATES: dict[str, list[tuple[str, str, str]]] = {
+    "sqlite": [],
+    "postgresql": [],
+}
+
+
+def run_backend(backend: Backend, ds: Dataset, queries: list[Query], args: argparse.Namespace,
+                out: Out) -> None:  # fmt: skip
+    prefix = f"scale.{backend.name}"
+    out.line()
+    out.line(f"## {backend.name}: {backend.describe}")
+    settings = Settings(data=backend.data, database_url=backend.url, fsync=False)
+    archive = Archive.open(settings)
+    try:
+        insert_all(archive, ds, args.batch, args.profile_batches, out, prefix)
+        out.fig(f"{prefix}.db_mb", db_size_mb(backend, archive.engine), "MB",
+                "index database size after the load" + (" (main file + WAL)"
+                                                        if backend.name == "sqlite" else ""))  # fmt: skip
+        if backend.name == "postgresql":
+            with archive.engine.connect() as conn:
+                stats = conn.execute(text(
+                    "SELECT relname, n_live_tup, last_autoanalyze IS NOT NULL FROM pg_stat_user_tables "
+                    "WHERE relname IN ('studies','series','instances') ORDER BY relname")).all()  # fmt: skip
+            out.comment("autovacuum statistics at query time (table, live rows, auto-analyzed): "
+                        + ", ".join(f"{r[0]} {r[1]} {r[2]}" for r in stats))  # fmt: skip
+        else:
+            with archive.engine.connect() as conn:
+                has_stat = conn.exec_driver_sql(
+                    "SELECT count(*) FROM sqlite_master WHERE name='sqlite_stat1'").scalar()  # fmt: skip
+            out.comment(f"sqlite_stat1 present (ANALYZE ever run): {bool(has_stat)}")
+        before = time_queries(archive, queries, args.runs, out, prefix, "qido", plans=True)
+        if args.try_indexes and CANDIDATES[backend.name]:
+            out.comment("prototype indexes, created in this benchmark database only:")
+            with archive.engine.begin() as conn:
+                for name, ddl, why in CANDIDATES[backend.name]:
+                    t0 = time.perf_counter()
+                    conn.exec_driver_sql(ddl)
+                    out.comment(f"  {name}: {ddl}  ({time.perf_counter() - t0:.1f}s; {why})")
+            after = time_queries(archive, queries, args.runs, out, prefix, "qido_idx", plans=True)
+            out.comment("before -> after (median ms): " + ", ".join(
+                f"{k} {before[k]:.1f}->{after[k]:.1f}" for k in before))  # fmt: skip
+    finally:
+        archive.close()
+        if args.keep:
+            out.comment(f"kept: {backend.url} (data folder {backend.data})")
+        else:
+            backend.cleanup()
+
+
+def header(args: argparse.Namespace, ds: Dataset, out: Out) -> None:
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (src has uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "?"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    osname = platform.platform()
+    try:
+        osname = dict(
+            line.strip().split("=", 1) for line in open("/etc/os-release") if "=" in line
+        )["PRETTY_NAME"].strip('"')
+    except (OSError, KeyError):
+        pass
+    import psycopg
+
+    out.comment("medlake index scale benchmark (benchmarks/scale_index.py)")
+    out.comment(f"date: {dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}  host: {os.cpu_count()} cores, "
+                f"{mem:.0f} GiB, {osname}, {platform.machine()}")  # fmt: skip
+    out.comment(f"medlake commit {commit}; python {platform.python_version()} "
+                f"sqlalchemy {sqlalchemy.__version__} psycopg {psycopg.__version__} "
+                f"sqlite {sqlite_version()} orjson {orjson.__version__}")  # fmt: skip
+    out.comment(f"dataset: {ds.describe()}")
+    out.comment(f"command: {' '.join(sys.argv)}")
+    out.comment(f"insert: write_instances, {args.batch} rows per transaction, one connection, "
+                "fresh database; rate = instances / seconds inside the transactions")  # fmt: skip
+    out.comment(f"qido: run_search (whole QIDO path minus HTTP, base_url set) + orjson.dumps; "
+                f"median of {args.runs} after 1 warm-up, same process, warm cache; "
+                "sql= is index.qido.search alone (count + page)")  # fmt: skip
+    out.comment("format: <figure> <value> <unit>  # details")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, default=1_000_000)
+    ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                    help="a database on the PostgreSQL server (used for CREATE/DROP DATABASE)")
+    ap.add_argument("--out", help="also write the figure lines to this file")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tmp", help="folder for the SQLite database (default: system temp)")
+    ap.add_argument("--try-indexes", action="store_true",
+                    help="after timing, create candidate indexes and time the queries again")
+    ap.add_argument("--profile-batches", type=int, default=0,
+                    help="cProfile this many batches from the middle of the load")
+    ap.add_argument("--keep", action="store_true", help="keep the databases")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    ds = make_dataset(args.instances, args.seed)
+    err.print(f"planned {ds.describe()} in {time.perf_counter() - t0:.1f}s")
+    queries = make_queries(ds)
+    out = Out(args.out)
+    header(args, ds, out)
+    for name in ("sqlite", "postgresql") if args.db == "both" else (args.db,):
+        backend = sqlite_backend(args.tmp) if name == "sqlite" else pg_backend(args.pg_url, args.tmp)
+        run_backend(backend, ds, queries, args, out)
+
+
+if __name__ == "__main__":
+    main()
