@@ -463,3 +463,51 @@ async def delete_instance(
     return Response(status_code=204)
 
 
+
+
+# --- WADO-URI (PS3.18 chapter 9) ------------------------------------------------------------
+
+
+@router.get("/wado")
+async def wado_uri(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+    """WADO-URI: ``?requestType=WADO&studyUID=&seriesUID=&objectUID=[&contentType=]``.
+
+    ``application/dicom`` returns the stored file; ``image/jpeg`` (the default, as
+    the standard says for single-frame images) and ``image/png`` render a frame with
+    ``windowCenter``/``windowWidth``, ``rows``/``columns`` and ``frameNumber``.
+    """
+    params = request.query_params
+    if params.get("requestType") != "WADO":
+        raise InvalidInput("WADO-URI needs requestType=WADO")
+    missing = [k for k in ("studyUID", "seriesUID", "objectUID") if not params.get(k)]
+    if missing:
+        raise InvalidInput(f"WADO-URI is missing {', '.join(missing)}")
+    content_type = params.get("contentType", "image/jpeg").split(",")[0].strip()
+    found = await run_in_threadpool(
+        retrieve_service.retrieve, archive, partition,
+        params["studyUID"], params["seriesUID"], params["objectUID"],
+    )  # fmt: skip
+    item = found[0]
+    if content_type in ("application/dicom", "*/*"):
+        ts = params.get("transferSyntax")
+        if ts and ts != item.transfer_syntax_uid:
+            raise NotAcceptable(
+                f"instance is stored as {item.transfer_syntax_uid}; transcoding to {ts} is not supported"
+            )
+        return _single_blob(archive, item, "application/dicom")
+    if content_type not in ("image/jpeg", "image/png"):
+        raise NotAcceptable(f"WADO-URI contentType {content_type!r} is not supported")
+    center = params.get("windowCenter")
+    width = params.get("windowWidth")
+    window = parse_window(f"{center},{width}") if center and width else (None, None)
+    rows, columns = params.get("rows"), params.get("columns")
+    viewport = parse_viewport(f"{columns or rows},{rows or columns}") if rows or columns else None
+    frame = params.get("frameNumber", "1")
+    if not frame.isdigit():
+        raise InvalidInput(f"frameNumber must be a positive integer, not {frame!r}")
+    quality = params.get("imageQuality", "90")
+    if not quality.isdigit() or not 1 <= int(quality) <= 100:
+        raise InvalidInput(f"imageQuality must be 1..100, not {quality!r}")
+    options = RenderOptions(content_type, window[0], window[1], viewport, int(quality))
+    data = await run_in_threadpool(retrieve_service.rendered, archive, item, int(frame), options)
+    return Response(data, media_type=content_type)

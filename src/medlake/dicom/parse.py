@@ -22,7 +22,13 @@ from medlake.dicom.pixel_index import FrameIndex, index_pixel_data, native_frame
 from medlake.errors import InvalidDicom, MissingAttribute
 from medlake.types import is_uid
 
-_REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+_REQUIRED = (
+    ("SOPInstanceUID", "sop_uid"),
+    ("SOPClassUID", "sop_class_uid"),
+    ("StudyInstanceUID", "study_uid"),
+    ("SeriesInstanceUID", "series_uid"),
+)
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
 #: Elements larger than this go to BulkDataURI in metadata instead of inline.
 BULK_DATA_THRESHOLD = 1024
 
@@ -138,17 +144,15 @@ def _int(value: Any) -> int | None:
 
 def _describe(ds: Dataset, ts: UID, frame_index: FrameIndex | None) -> ParsedInstance:
     values: dict[str, Any] = {}
+    little_endian = ts.is_little_endian
     for attr in ATTRIBUTES:
         if attr.computed:
             continue
         if attr.keyword == "AvailableTransferSyntaxUID":
             values[attr.column] = str(ts)
             continue
-        element = ds.get(attr.tag)
-        values[attr.column] = _column_value(element.value if element is not None else None, attr.vr)
-    for keyword in _REQUIRED:
-        column = {"SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class_uid",
-                  "StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid"}[keyword]
+        values[attr.column] = _attribute_value(ds, attr.tag, attr.vr, little_endian)
+    for keyword, column in _REQUIRED:
         uid = values.get(column)
         if not uid:
             raise MissingAttribute(f"required attribute {keyword} is missing or empty")
@@ -164,6 +168,28 @@ def _describe(ds: Dataset, ts: UID, frame_index: FrameIndex | None) -> ParsedIns
         target = parsed.study_extra if level is Level.STUDY else parsed.series_extra
         target[f"{tag:08X}"] = ds[tag].to_json_dict(BULK_DATA_THRESHOLD, _drop_bulk)
     return parsed
+
+
+def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any:
+    """The index value of one top-level attribute.
+
+    Plain ASCII text and US values are decoded straight from the raw bytes pydicom
+    read (converting each raw element to a DataElement costs more than parsing the
+    header); anything else (PN, non-ASCII, other VRs) goes through pydicom so that
+    character sets are honoured.
+    """
+    raw = ds._dict.get(tag)  # noqa: SLF001 - the raw element, before conversion
+    if raw is None:
+        return None
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes) and getattr(raw, "VR", vr) in (vr, None):
+        if vr in _TEXT_VRS and value.isascii():
+            text = value.decode("ascii").strip(" \x00")
+            return _column_value(text.split("\\") if "\\" in text else text, vr)
+        if vr == "US" and len(value) >= 2:
+            return int.from_bytes(value[:2], "little" if little_endian else "big")
+    element = ds.get(tag)
+    return _column_value(element.value if element is not None else None, vr)
 
 
 def _drop_bulk(_element: Any) -> str:

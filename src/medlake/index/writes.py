@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydicom.dataset import Dataset
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from medlake.index.extended_values import InstanceRef, index_new_instances
 from medlake.index.schema import (
     change_feed,
     instance_metadata,
@@ -68,6 +70,8 @@ class InstanceRow:
     frames: list[list[list[int]]] | None
     study_extra: dict[str, Any] = field(default_factory=dict)
     series_extra: dict[str, Any] = field(default_factory=dict)
+    #: The parsed header, from which extended query tags take their values.
+    dataset: Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,12 @@ def write_instances(
             for r in rows
         ],
     )
+    index_new_instances(
+        conn,
+        [(InstanceRef(ids[r.sop_uid], study_ids[r.study_uid], series_ids[r.series_uid]), r.dataset)
+         for r in rows],
+        now,
+    )  # fmt: skip
     _record_changes(conn, partition_name, rows, replaced, now)
     refresh_counts(conn, set(study_ids.values()), set(series_ids.values()), now)
 

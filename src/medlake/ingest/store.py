@@ -179,6 +179,7 @@ def _store_parsed(
                 frames=frame_index.to_json() if frame_index else None,
                 study_extra=item.study_extra,
                 series_extra=item.series_extra,
+                dataset=item.dataset,
             ),
         )
     if not to_write:
