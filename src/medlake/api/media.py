@@ -62,7 +62,9 @@ def choose(accept: list[MediaType], offers: list[str], what: str) -> MediaType:
 
 def _split(value: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes."""
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in value:
         if char == '"':
             quoted = not quoted

@@ -65,7 +65,7 @@ class MultipartReceiver:
         self._value = b""
         self.parts: list[tuple[ReceivedFile, dict[str, str]]] = []
         self._ended = False
-        callbacks: dict[str, Any] = {
+        callbacks: Any = {
             "on_part_begin": self._begin,
             "on_part_data": self._data,
             "on_part_end": self._end,

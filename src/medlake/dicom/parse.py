@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 
 from medlake.dicom.attributes import (
@@ -166,7 +167,7 @@ def _describe(ds: Dataset, ts: UID, frame_index: FrameIndex | None) -> ParsedIns
         if level is None or BY_TAG.get(tag) is not None:
             continue
         target = parsed.study_extra if level is Level.STUDY else parsed.series_extra
-        target[f"{tag:08X}"] = ds[tag].to_json_dict(BULK_DATA_THRESHOLD, _drop_bulk)
+        target[f"{tag:08X}"] = ds[tag].to_json_dict(_drop_bulk, BULK_DATA_THRESHOLD)
     return parsed
 
 
@@ -178,7 +179,7 @@ def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any
     header); anything else (PN, non-ASCII, other VRs) goes through pydicom so that
     character sets are honoured.
     """
-    raw = ds._dict.get(tag)  # noqa: SLF001 - the raw element, before conversion
+    raw = ds._dict.get(BaseTag(tag))  # the raw element, before conversion
     if raw is None:
         return None
     value = getattr(raw, "value", None)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 
 from medlake.errors import InvalidInput, NotFound, UnsupportedMediaType
 
@@ -72,7 +73,7 @@ def render_frame(source: Any, frame: int, options: RenderOptions) -> bytes:
     if not 1 <= frame <= frames:
         raise NotFound(f"frame {frame} does not exist (the instance has {frames})")
     try:
-        pixels = ds.pixel_array if frames == 1 else pydicom.pixels.pixel_array(ds, index=frame - 1)
+        pixels = ds.pixel_array if frames == 1 else pixel_array(ds, index=frame - 1)
     except Exception as exc:  # a codec problem is the data's, not the server's
         raise UnsupportedMediaType(f"cannot decode pixel data ({ds.file_meta.TransferSyntaxUID}): {exc}") from exc
     image = _to_image(ds, np.asarray(pixels), options)

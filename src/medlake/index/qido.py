@@ -155,7 +155,9 @@ def search(conn: Connection, query: QidoQuery) -> QidoResult:
     return QidoResult(rows, int(total))
 
 
-def match_condition(vr: str, column: Any, value: str, fuzzy: bool) -> ColumnElement[bool] | None:
+def match_condition(
+    vr: str, column: ColumnElement[Any], value: str, fuzzy: bool
+) -> ColumnElement[bool] | None:
     """The SQL condition matching ``column`` against a QIDO/C-FIND key of ``vr``.
 
     Empty value = universal match (None). Raises InvalidInput for values that
@@ -195,32 +197,32 @@ def match_condition(vr: str, column: Any, value: str, fuzzy: bool) -> ColumnElem
     return or_(*[_wildcard(column, v) for v in values])
 
 
-def _wildcard(column: Any, value: str) -> ColumnElement[bool]:
+def _wildcard(column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
     if "*" not in value and "?" not in value:
-        return column == value  # type: ignore[no-any-return]
+        return column == value
     if value == "*":
-        return column.is_not(None)  # type: ignore[no-any-return]
+        return column.is_not(None)
     escaped = value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
     pattern = escaped.replace("*", "%").replace("?", "_")
-    return column.like(pattern, escape="!")  # type: ignore[no-any-return]
+    return column.like(pattern, escape="!")
 
 
-def _fuzzy_name(column: Any, value: str) -> ColumnElement[bool]:
+def _fuzzy_name(column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
     """PN fuzzy matching: every word of the key is a prefix of some name component,
     case-insensitive (e.g. ``joh smi`` matches ``SMITH^JOHN``)."""
     words = [w for w in re.split(r"[\s^=,]+", value.replace("*", "")) if w]
     if not words:
-        return column.is_not(None)  # type: ignore[no-any-return]
+        return column.is_not(None)
     spaced = literal(" ") + func.replace(func.replace(column, "^", " "), "=", " ")
     return and_(*[spaced.contains(f" {w}", autoescape=True) for w in words])
 
 
-def _range_condition(vr: str, column: Any, value: str) -> ColumnElement[bool]:
+def _range_condition(vr: str, column: ColumnElement[Any], value: str) -> ColumnElement[bool]:
     check = _check_date if vr == "DA" else _check_time if vr == "TM" else _check_datetime
     if "-" not in value or (vr == "DT" and value.count("-") != 1):
         for v in value.split("\\"):
             check(v)
-        return column.in_(value.split("\\"))  # type: ignore[no-any-return]
+        return column.in_(value.split("\\"))
     low, _, high = value.partition("-")
     if not low and not high:
         raise InvalidInput(f"{value!r} is not a valid range: both ends are empty")

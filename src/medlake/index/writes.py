@@ -92,11 +92,16 @@ def _insert_ignoring_conflicts(conn: Connection, table: Any, rows: list[dict[str
 
 def partition_id(conn: Connection, name: str, *, create: bool) -> int | None:
     """The id of partition ``name``; created on first use when ``create``."""
-    found = conn.execute(select(partitions.c.id).where(partitions.c.name == name)).scalar()
+    found: int | None = conn.execute(
+        select(partitions.c.id).where(partitions.c.name == name)
+    ).scalar()
     if found is not None or not create:
         return found
     _insert_ignoring_conflicts(conn, partitions, [{"name": name, "created_at": utcnow()}])
-    return conn.execute(select(partitions.c.id).where(partitions.c.name == name)).scalar_one()
+    created: int = conn.execute(
+        select(partitions.c.id).where(partitions.c.name == name)
+    ).scalar_one()
+    return created
 
 
 def find_existing(
