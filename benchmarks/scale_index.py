@@ -31,6 +31,7 @@ comment lines (``#``) carry the header, the plans and the profile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime as dt
 import io
@@ -62,7 +63,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
 
 from medlake.config import Settings
@@ -87,7 +88,7 @@ err = Console(stderr=True)
 
 # Family names with a Zipf-like weight (rank r -> 1/(r+1)); SMITH is the most common
 # and SMITHSON/SMIRNOV/SMILEY share its prefix so SMI* matches several families.
-FAMILY = (
+FAMILY = str.split(
     "SMITH JOHNSON WILLIAMS BROWN JONES GARCIA MILLER DAVIS RODRIGUEZ MARTINEZ "
     "HERNANDEZ LOPEZ GONZALEZ WILSON ANDERSON THOMAS TAYLOR MOORE JACKSON MARTIN "
     "LEE PEREZ THOMPSON WHITE HARRIS SANCHEZ CLARK RAMIREZ LEWIS ROBINSON WALKER "
@@ -95,13 +96,13 @@ FAMILY = (
     "SCHNEIDER FISCHER WEBER DUBOIS MOREAU LAURENT ROSSI RUSSO FERRARI TANAKA "
     "SUZUKI KOWALSKI NOWAK SILVA SANTOS OBRIEN MURPHY PETERS SMITHSON SMIRNOV "
     "SMILEY IVANOV PETROV KIM PARK CHEN WANG LI ZHANG"
-).split()
+)
 FAMILY_MULTI = ["VAN DER BERG", "DE LA CRUZ", "O NEILL", "MAC SMITH"]  # spaces inside
-GIVEN = (
+GIVEN = str.split(
     "JAMES MARY JOHN PATRICIA ROBERT JENNIFER MICHAEL LINDA WILLIAM ELIZABETH DAVID "
     "BARBARA RICHARD SUSAN JOSEPH JESSICA THOMAS SARAH CHARLES KAREN ANNA PETER LUCA "
     "SOFIA HIRO EMMA OMAR LENA PAUL IRIS MARC NINA TOM ZOE SMILLA"
-).split()
+)
 STUDY_MODALITY_WEIGHTS = {"CT": 0.35, "MR": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10}
 SERIES_RANGE = {"CT": (3, 6), "MR": (3, 6), "US": (1, 4), "CR": (1, 3), "DX": (1, 3)}
 INSTANCE_RANGE = {"CT": (20, 60), "MR": (15, 40), "US": (1, 30), "CR": (1, 2), "DX": (1, 2)}
@@ -199,17 +200,17 @@ def make_dataset(n_instances: int, seed: int) -> Dataset:
     fam_w = [1 / (r + 1) for r in range(len(FAMILY))]
     patients = []
     for p in range(n_pat):
-        if rng.random() < 0.01:
-            family = rng.choice(FAMILY_MULTI)
-        else:
-            family = rng.choices(FAMILY, fam_w)[0]
+        multi = rng.random() < 0.01
+        family = rng.choice(FAMILY_MULTI) if multi else rng.choices(FAMILY, fam_w)[0]
         name = f"{family}^{rng.choice(GIVEN)}"
         if rng.random() < 0.3:
             name += f"^{rng.choice('ABCDEFGHJKLMNPRSTW')}"
         if rng.random() < 0.1:  # some senders write mixed case
             name = "^".join(part.title() for part in name.split("^"))
         birth = dt.date(1930, 1, 1) + dt.timedelta(days=rng.randrange(0, 90 * 365))
-        patients.append(Patient(f"MRN{p + 1:07d}", name, rng.choice("MF"), birth.strftime("%Y%m%d")))
+        patients.append(
+            Patient(f"MRN{p + 1:07d}", name, rng.choice("MF"), birth.strftime("%Y%m%d"))
+        )
     # After one study each, patients are drawn with weight 1/(rank+50): a few patients
     # with dozens of studies, most with one to three.
     ranks = list(range(n_pat))
@@ -233,8 +234,14 @@ def make_dataset(n_instances: int, seed: int) -> Dataset:
                 se_mod = rng.choice(["CR", "DX"])
             n_inst = min(rng.randint(*INSTANCE_RANGE[se_mod]), n_instances - total)
             study.series.append(
-                SeriesPlan(uid128(rng), r + 1, se_mod, rng.choice(DESCS[se_mod]),
-                           rng.choice(BODY[se_mod]), n_inst)  # fmt: skip
+                SeriesPlan(
+                    uid128(rng),
+                    r + 1,
+                    se_mod,
+                    rng.choice(DESCS[se_mod]),
+                    rng.choice(BODY[se_mod]),
+                    n_inst,
+                )
             )
             total += n_inst
             if total >= n_instances:
@@ -366,7 +373,7 @@ def make_queries(ds: Dataset) -> list[Query]:
     n_pat_series = sum(len(st.series) for st in ds.studies if st.patient == top)
     big = max(ds.studies, key=lambda st: (st.instances, st.uid))
     ser = big.series[0]
-    S, SE, I = Level.STUDY, Level.SERIES, Level.INSTANCE
+    S, SE, IN = Level.STUDY, Level.SERIES, Level.INSTANCE
     return [
         Query("studies_by_patientid", S, [("PatientID", pid)], by_pat[top], by_pat[top]),
         Query("studies_by_date_range", S, [("StudyDate", f"{lo}-{hi}")],
@@ -374,7 +381,7 @@ def make_queries(ds: Dataset) -> list[Query]:
         Query("studies_by_name_wildcard", S, [("PatientName", NAME_WILDCARD)],
               min(n_name, default), n_name),
         Query("series_by_modality", SE, [("Modality", "CT")], min(n_ct, default), n_ct),
-        Query("instances_of_series", I, [], ser.instances, ser.instances,
+        Query("instances_of_series", IN, [], ser.instances, ser.instances,
               study_uid=big.uid, series_uid=ser.uid),
         Query("studies_ohif_worklist", S,
               [("limit", "101"), ("offset", "0"), ("fuzzymatching", "false"),
@@ -428,21 +435,37 @@ def explain(engine: sqlalchemy.Engine, stmt: Any) -> list[str]:
 BIG_TABLES = ("studies", "series", "instances")
 
 
-def full_scans(backend: str, plan: list[str]) -> list[str]:
-    """Tables of ``plan`` read in full (not through an index search)."""
+def _table_of_index(index: str) -> str:
+    """Table of an index named by the schema's convention (ix_/uq_/pk_<table>_...)."""
+    for table in BIG_TABLES:
+        if index.startswith((f"ix_{table}_", f"uq_{table}_", f"pk_{table}")):
+            return table
+    return ""
+
+
+def scan_concerns(backend: str, plan: list[str]) -> list[str]:
+    """Reads of a big table in ``plan`` that walk the whole table or the whole partition:
+    a full scan, or an index search whose only condition is ``partition_id`` (there is
+    one partition, so that walks every row as well)."""
     found = []
-    for line in plan:
-        s = line.strip().lstrip("->").strip()
+    lines = [line.strip().removeprefix("->").strip() for line in plan]
+    for k, s in enumerate(lines):
         if backend == "sqlite":
-            # "SCAN studies" / "SCAN studies USING INDEX x" (whole index walked) vs "SEARCH"
-            if s.startswith("SCAN "):
-                table = s.split()[1]
-                if table in BIG_TABLES:
+            words = s.split()
+            if len(words) > 1 and words[1] in BIG_TABLES:
+                if words[0] == "SCAN":
                     found.append(s)
-        elif s.startswith("Seq Scan on "):
-            table = s.split()[3]
-            if table in BIG_TABLES:
-                found.append(s)
+                elif words[0] == "SEARCH" and s.endswith("(partition_id=?)"):
+                    found.append(s + " = whole partition")
+            continue
+        if s.startswith("Seq Scan on ") and s.split()[3] in BIG_TABLES:
+            found.append(s)
+        elif s.startswith(("Index Scan", "Index Only Scan", "Bitmap Index Scan")):
+            index = s.split(" on ")[-1].split()[0] if " on " in s else ""
+            index = s.split(" using ")[1].split()[0] if " using " in s else index
+            cond = lines[k + 1] if k + 1 < len(lines) else ""
+            if _table_of_index(index) and cond == "Index Cond: (partition_id = $0)":
+                found.append(f"{s} [{cond}] = whole partition")
     return found
 
 
@@ -460,9 +483,14 @@ class Backend:
 
 def sqlite_backend(tmp_root: str | None) -> Backend:
     data = Path(tempfile.mkdtemp(prefix="medlake-scale-", dir=tmp_root))
-    return Backend("sqlite", f"sqlite:///{data / 'index.sqlite'}", data,
-                   lambda: shutil.rmtree(data, ignore_errors=True),
-                   f"SQLite {sqlite_version()} file {data / 'index.sqlite'} (WAL, synchronous=NORMAL)")  # fmt: skip
+    path = data / "index.sqlite"
+    return Backend(
+        "sqlite",
+        f"sqlite:///{path}",
+        data,
+        lambda: shutil.rmtree(data, ignore_errors=True),
+        f"SQLite {sqlite_version()} file {path} (WAL, synchronous=NORMAL)",
+    )
 
 
 def sqlite_version() -> str:
@@ -501,7 +529,10 @@ def db_size_mb(backend: Backend, engine: sqlalchemy.Engine) -> float:
     if backend.name == "sqlite":
         return sum(p.stat().st_size for p in backend.data.glob("index.sqlite*")) / 1e6
     with engine.connect() as conn:
-        return float(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()) / 1e6
+        return (
+            float(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+            / 1e6
+        )
 
 
 # ----------------------------------------------------------------------------- run
@@ -510,8 +541,8 @@ def db_size_mb(backend: Backend, engine: sqlalchemy.Engine) -> float:
 class Out:
     """Figure lines to stdout and, with --out, to a file."""
 
-    def __init__(self, path: str | None) -> None:
-        self.fh = open(path, "w") if path else None  # noqa: SIM115
+    def __init__(self, path: str | None, append: bool = False) -> None:
+        self.fh = open(path, "a" if append else "w") if path else None  # noqa: SIM115
 
     def line(self, s: str = "") -> None:
         print(s, flush=True)
@@ -521,30 +552,82 @@ class Out:
 
     def fig(self, name: str, value: float, unit: str, details: str = "") -> None:
         shown = f"{value:.3f}" if value < 10 else f"{value:.1f}"
-        self.line(f"{name:<52} {shown:>10} {unit:<8}  # {details}")
+        self.line(f"{name:<50} {shown:>9} {unit:<7} # {details}")
 
     def comment(self, s: str) -> None:
         self.line(f"# {s}")
 
 
-def insert_all(archive: Archive, ds: Dataset, batch: int, profile_batches: int,
-               out: Out, prefix: str) -> None:  # fmt: skip
-    n = ds.instances
+class StatementTimer:
+    """Wall time per SQL statement (first 110 characters), through engine events."""
+
+    def __init__(self, engine: sqlalchemy.Engine) -> None:
+        self.engine = engine
+        self.stats: dict[str, list[float]] = {}
+        self.on = False
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn: Any, *_: Any) -> None:
+        conn.info["scale_t0"] = time.perf_counter()
+
+    def _after(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if self.on:
+            key = " ".join(statement.split())[:110]
+            entry = self.stats.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - conn.info["scale_t0"]
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+class Analyzer:
+    """Emulates autovacuum's ANALYZE on a PostgreSQL server that has it off: re-analyze
+    when the rows written since the last ANALYZE exceed 50 + 10 % of the table
+    (autovacuum_analyze_threshold / _scale_factor defaults)."""
+
+    def __init__(self, engine: sqlalchemy.Engine, mode: str) -> None:
+        self.engine, self.mode = engine, mode
+        self.at_last = 0
+        self.count = 0
+        self.seconds = 0.0
+
+    def after_batch(self, done: int) -> None:
+        if self.mode == "auto" and done - self.at_last > 50 + 0.1 * self.at_last:
+            self.run(done)
+
+    def run(self, done: int) -> None:
+        t0 = time.perf_counter()
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+        self.seconds += time.perf_counter() - t0
+        self.count += 1
+        self.at_last = done
+
+
+def insert_all(archive: Archive, ds: Dataset, args: argparse.Namespace, out: Out,
+               prefix: str) -> None:  # fmt: skip
+    n, batch = ds.instances, args.batch
     n_batches = (n + batch - 1) // batch
     # profile a run of consecutive batches from the middle of the load (excluded from the rate)
     prof_from = n_batches // 2
-    prof_to = prof_from + profile_batches
-    profiler = cProfile.Profile() if profile_batches else None
+    prof_to = prof_from + args.profile_batches
+    profiler = cProfile.Profile() if args.profile_batches else None
+    stmt_timer = StatementTimer(archive.engine) if args.profile_batches else None
+    pg = archive.engine.dialect.name == "postgresql"
+    analyzer = Analyzer(archive.engine, args.pg_analyze if pg else "none")
     db_time = gen_time = prof_time = 0.0
-    timeline: list[tuple[int, float]] = []  # (instances done, cumulative db seconds)
+    timeline: list[tuple[int, float]] = []  # (counted instances done, cumulative db seconds)
     done = prof_n = 0
     rows = instance_rows(ds, DEFAULT_PARTITION)
     t_wall = time.perf_counter()
-    with Progress(
+    columns = (
         TextColumn(f"[bold]{prefix}[/] insert"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>7} inst/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err, transient=False, refresh_per_second=4,
-    ) as progress:  # fmt: skip
+    )  # fmt: skip
+    with Progress(*columns, console=err, refresh_per_second=2) as progress:
         task = progress.add_task("insert", total=n, rate="-")
         for b in range(n_batches):
             t0 = time.perf_counter()
@@ -553,11 +636,13 @@ def insert_all(archive: Archive, ds: Dataset, batch: int, profile_batches: int,
             gen_time += t1 - t0
             profiling = profiler is not None and prof_from <= b < prof_to
             if profiling:
+                stmt_timer.on = True  # type: ignore[union-attr]
                 profiler.enable()  # type: ignore[union-attr]
             with archive.engine.begin() as conn:
                 write_instances(conn, DEFAULT_PARTITION, chunk, {})
             if profiling:
                 profiler.disable()  # type: ignore[union-attr]
+                stmt_timer.on = False  # type: ignore[union-attr]
             dt_ = time.perf_counter() - t1
             done += len(chunk)
             if profiling:
@@ -566,15 +651,26 @@ def insert_all(archive: Archive, ds: Dataset, batch: int, profile_batches: int,
             else:
                 db_time += dt_
                 timeline.append((done - prof_n, db_time))
-            progress.update(task, advance=len(chunk),
-                            rate=f"{(done - prof_n) / db_time:,.0f}" if db_time else "-")  # fmt: skip
+            analyzer.after_batch(done)
+            rate = f"{(done - prof_n) / db_time:,.0f}" if db_time else "-"
+            progress.update(task, advance=len(chunk), rate=rate)
+    if analyzer.mode == "auto":
+        analyzer.run(done)  # what autovacuum does within a minute of the load's end
     wall = time.perf_counter() - t_wall
     counted = done - prof_n
-    rate = counted / db_time
-    out.fig(f"{prefix}.insert_inst_per_s", rate, "inst/s",
-            f"{counted} instances via write_instances, {batch}/transaction, {db_time:.1f}s in "
-            f"transactions (wall {wall:.1f}s incl. {gen_time:.1f}s generating rows"
-            + (f", {prof_n} profiled instances excluded" if prof_n else "") + ")")  # fmt: skip
+    details = (
+        f"{counted} instances via write_instances, {batch}/transaction, {db_time:.1f}s in "
+        f"transactions (wall {wall:.1f}s incl. {gen_time:.1f}s generating rows"
+    )
+    if prof_n:
+        details += f", {prof_n} profiled instances excluded"
+    if pg:
+        details += (
+            f"; ANALYZE {analyzer.count}x, {analyzer.seconds:.1f}s, not counted"
+            if analyzer.mode == "auto"
+            else "; never ANALYZEd (server has autovacuum off)"
+        )
+    out.fig(f"{prefix}.insert_inst_per_s", counted / db_time, "inst/s", details + ")")
     # rate over the first and the last 10 % of the load: does it slow down as tables grow?
     tenth = max(1, len(timeline) // 10)
     first = timeline[tenth - 1]
@@ -584,28 +680,38 @@ def insert_all(archive: Archive, ds: Dataset, batch: int, profile_batches: int,
     out.fig(f"{prefix}.insert_inst_per_s_last10pct",
             (last_end[0] - last_start[0]) / (last_end[1] - last_start[1]), "inst/s",
             f"last {last_end[0] - last_start[0]} instances (tables near full size)")  # fmt: skip
-    if profiler is not None and prof_n:
-        out.comment(f"profile of write_instances over {prof_n} instances ({profile_batches} "
-                    f"batches from the middle of the load): {prof_n / prof_time:,.0f} inst/s "
-                    "under cProfile; top functions by cumulative time:")  # fmt: skip
+    if profiler is not None and stmt_timer is not None and prof_n:
+        stmt_timer.close()
+        total_sql = sum(v[1] for v in stmt_timer.stats.values())
+        out.comment(
+            f"where write_instances spends its time, {prof_n} instances ({args.profile_batches} "
+            f"batches from the middle of the load, {prof_n / prof_time:,.0f} inst/s under "
+            f"cProfile): {prof_time:.2f}s, of which {total_sql:.2f}s waiting on SQL statements:"
+        )
+        for key, (count, secs) in sorted(stmt_timer.stats.items(), key=lambda kv: -kv[1][1])[:8]:
+            out.comment(f"  {secs * 1000 / args.profile_batches:8.1f} ms/batch {count:5d}x  {key}")
         buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(28)
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(12)
+        out.comment("cProfile, top functions by own time:")
         for line in buf.getvalue().splitlines():
-            if line.strip() and not line.startswith(("   Ordered by", "         ")):
-                out.comment("  " + line.rstrip()[:160])
-        buf = io.StringIO()
-        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(15)
-        out.comment("top functions by own time:")
-        for line in buf.getvalue().splitlines():
-            if line.strip() and not line.startswith(("   Ordered by", "         ")):
-                out.comment("  " + line.rstrip()[:160])
+            if line.strip() and "Ordered by" not in line and "List reduced" not in line:
+                out.comment("  " + line.rstrip().replace(str(ROOT) + "/", "")[:150])
 
 
-def time_queries(archive: Archive, queries: list[Query], runs: int, out: Out, prefix: str,
-                 label: str, plans: bool) -> dict[str, float]:  # fmt: skip
+def time_queries(
+    archive: Archive,
+    queries: list[Query],
+    runs: int,
+    out: Out,
+    prefix: str,
+    label: str,
+    shown_plans: dict[str, list[str]] | None,
+) -> dict[str, float]:
+    """Time every query; print its plan unless ``shown_plans`` already has the same one."""
     medians: dict[str, float] = {}
     backend = archive.engine.dialect.name
     for q in queries:
+
         def full(q: Query = q) -> tuple[int, int]:
             res = run_search(archive, q.level, DEFAULT_PARTITION, q.params, study_uid=q.study_uid,
                              series_uid=q.series_uid, base_url=BASE_URL)  # fmt: skip
@@ -626,23 +732,27 @@ def time_queries(archive: Archive, queries: list[Query], runs: int, out: Out, pr
         plan_lines: list[str] = []
         for kind, stmt in zip(("count", "page"), qido_statements(q), strict=True):
             plan = explain(archive.engine, stmt)
-            scans += [f"{kind}: {s}" for s in full_scans(backend, plan)]
-            plan_lines += [f"  {kind}: {line}" for line in plan]
+            scans += [f"{kind}: {s}" for s in scan_concerns(backend, plan)]
+            plan_lines += [f"{kind}: {line}" for line in plan]
         med = statistics.median(ts)
         medians[q.name] = med
+        verdict = "SCANS [" + "; ".join(scans) + "]" if scans else "index"
         out.fig(f"{prefix}.{label}.{q.name}_ms", med, "ms",
                 f"p90={pctl(ts, 90):.1f} min={min(ts):.1f} sql={statistics.median(ts_sql):.1f} "
                 f"n={n} total={total} expected={q.expected_n}/{q.expected_total}"
-                f"{'' if ok else ' MISMATCH'} "
-                f"plan={'FULL SCAN [' + '; '.join(scans) + ']' if scans else 'index'} "
-                f"{q.shown()}")  # fmt: skip
-        if plans:
-            for line in plan_lines:
-                out.comment(f"    plan {q.name} {line}")
+                f"{'' if ok else ' MISMATCH'} plan={verdict} {q.shown()}")  # fmt: skip
+        if shown_plans is not None:
+            if shown_plans.get(q.name) == plan_lines:
+                out.comment(f"    plan {q.name}: unchanged")
+            else:
+                for line in plan_lines:
+                    out.comment(f"    plan {q.name} {line}")
+            shown_plans[q.name] = plan_lines
     return medians
 
 
-# Candidate indexes tried with --try-indexes, per backend: (name, DDL, why).
+# Prototypes tried with --try-indexes, per backend: (label, SQL, why). They are created in
+# the benchmark database only; schema.py is not touched.
 CANDIDATES: dict[str, list[tuple[str, str, str]]] = {
     "sqlite": [],
     "postgresql": [],
@@ -657,33 +767,43 @@ def run_backend(backend: Backend, ds: Dataset, queries: list[Query], args: argpa
     settings = Settings(data=backend.data, database_url=backend.url, fsync=False)
     archive = Archive.open(settings)
     try:
-        insert_all(archive, ds, args.batch, args.profile_batches, out, prefix)
-        out.fig(f"{prefix}.db_mb", db_size_mb(backend, archive.engine), "MB",
-                "index database size after the load" + (" (main file + WAL)"
-                                                        if backend.name == "sqlite" else ""))  # fmt: skip
-        if backend.name == "postgresql":
-            with archive.engine.connect() as conn:
-                stats = conn.execute(text(
-                    "SELECT relname, n_live_tup, last_autoanalyze IS NOT NULL FROM pg_stat_user_tables "
-                    "WHERE relname IN ('studies','series','instances') ORDER BY relname")).all()  # fmt: skip
-            out.comment("autovacuum statistics at query time (table, live rows, auto-analyzed): "
-                        + ", ".join(f"{r[0]} {r[1]} {r[2]}" for r in stats))  # fmt: skip
-        else:
-            with archive.engine.connect() as conn:
+        insert_all(archive, ds, args, out, prefix)
+        size = db_size_mb(backend, archive.engine)
+        where = " (main file + WAL)" if backend.name == "sqlite" else ""
+        out.fig(f"{prefix}.db_mb", size, "MB", f"index database size after the load{where}")
+        with archive.engine.connect() as conn:
+            if backend.name == "postgresql":
+                stats = conn.exec_driver_sql(
+                    "SELECT relname, n_live_tup, last_analyze IS NOT NULL OR "
+                    "last_autoanalyze IS NOT NULL FROM pg_stat_user_tables WHERE relname IN "
+                    "('studies','series','instances') ORDER BY relname"
+                ).all()
+                out.comment(
+                    "planner statistics at query time (table, live rows, analyzed): "
+                    + ", ".join(f"{r[0]} {r[1]} {r[2]}" for r in stats)
+                )
+            else:
                 has_stat = conn.exec_driver_sql(
-                    "SELECT count(*) FROM sqlite_master WHERE name='sqlite_stat1'").scalar()  # fmt: skip
-            out.comment(f"sqlite_stat1 present (ANALYZE ever run): {bool(has_stat)}")
-        before = time_queries(archive, queries, args.runs, out, prefix, "qido", plans=True)
+                    "SELECT count(*) FROM sqlite_master WHERE name='sqlite_stat1'"
+                ).scalar()
+                out.comment(
+                    f"planner statistics (sqlite_stat1, i.e. ANALYZE run): {bool(has_stat)}"
+                )
+        plans: dict[str, list[str]] = {}
+        before = time_queries(archive, queries, args.runs, out, prefix, "qido", plans)
         if args.try_indexes and CANDIDATES[backend.name]:
-            out.comment("prototype indexes, created in this benchmark database only:")
+            out.comment("prototypes, created in this benchmark database only:")
             with archive.engine.begin() as conn:
-                for name, ddl, why in CANDIDATES[backend.name]:
+                for label, sql, why in CANDIDATES[backend.name]:
                     t0 = time.perf_counter()
-                    conn.exec_driver_sql(ddl)
-                    out.comment(f"  {name}: {ddl}  ({time.perf_counter() - t0:.1f}s; {why})")
-            after = time_queries(archive, queries, args.runs, out, prefix, "qido_idx", plans=True)
-            out.comment("before -> after (median ms): " + ", ".join(
-                f"{k} {before[k]:.1f}->{after[k]:.1f}" for k in before))  # fmt: skip
+                    conn.exec_driver_sql(sql)
+                    took = time.perf_counter() - t0
+                    out.comment(f"  {label}: {sql}  ({took:.1f}s) -- {why}")
+            after = time_queries(archive, queries, args.runs, out, prefix, "qido_idx", plans)
+            out.comment(
+                "before -> after (median ms): "
+                + ", ".join(f"{k} {before[k]:.1f}->{after[k]:.1f}" for k in before)
+            )
     finally:
         archive.close()
         if args.keep:
@@ -693,55 +813,78 @@ def run_backend(backend: Backend, ds: Dataset, queries: list[Query], args: argpa
 
 
 def header(args: argparse.Namespace, ds: Dataset, out: Out) -> None:
+    import psycopg
+
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        git = ["git", "-C", str(ROOT)]
+        run = {"capture_output": True, "text": True, "check": True}
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **run).stdout.strip()  # type: ignore[call-overload]
+        dirty = subprocess.run([*git, "status", "--porcelain", "src"], **run).stdout.strip()  # type: ignore[call-overload]
         commit += " (src has uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     osname = platform.platform()
-    try:
-        osname = dict(
-            line.strip().split("=", 1) for line in open("/etc/os-release") if "=" in line
-        )["PRETTY_NAME"].strip('"')
-    except (OSError, KeyError):
-        pass
-    import psycopg
-
+    with contextlib.suppress(OSError, KeyError), open("/etc/os-release") as fh:
+        release = dict(line.strip().split("=", 1) for line in fh if "=" in line)
+        osname = release["PRETTY_NAME"].strip('"')
+    now = dt.datetime.now(dt.UTC)
     out.comment("medlake index scale benchmark (benchmarks/scale_index.py)")
-    out.comment(f"date: {dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}  host: {os.cpu_count()} cores, "
-                f"{mem:.0f} GiB, {osname}, {platform.machine()}")  # fmt: skip
-    out.comment(f"medlake commit {commit}; python {platform.python_version()} "
-                f"sqlalchemy {sqlalchemy.__version__} psycopg {psycopg.__version__} "
-                f"sqlite {sqlite_version()} orjson {orjson.__version__}")  # fmt: skip
+    out.comment(
+        f"date: {now:%Y-%m-%dT%H:%M:%SZ}  host: {os.cpu_count()} cores, {mem:.0f} GiB, "
+        f"{osname}, {platform.machine()}"
+    )
+    out.comment(
+        f"medlake commit {commit}; python {platform.python_version()} sqlalchemy "
+        f"{sqlalchemy.__version__} psycopg {psycopg.__version__} sqlite {sqlite_version()} "
+        f"orjson {orjson.__version__}"
+    )
     out.comment(f"dataset: {ds.describe()}")
     out.comment(f"command: {' '.join(sys.argv)}")
-    out.comment(f"insert: write_instances, {args.batch} rows per transaction, one connection, "
-                "fresh database; rate = instances / seconds inside the transactions")  # fmt: skip
-    out.comment(f"qido: run_search (whole QIDO path minus HTTP, base_url set) + orjson.dumps; "
-                f"median of {args.runs} after 1 warm-up, same process, warm cache; "
-                "sql= is index.qido.search alone (count + page)")  # fmt: skip
+    out.comment(
+        f"insert: write_instances, {args.batch} rows per transaction (engine.begin()), one "
+        "connection, fresh database; rate = instances / seconds inside the transactions"
+    )
+    out.comment(
+        f"qido: run_search (QIDO path minus HTTP, base_url set) + orjson.dumps; median of "
+        f"{args.runs} after 1 warm-up, same process, warm cache; sql= is index.qido.search "
+        "alone (count + page); plan=SCANS lists reads of a whole table or partition"
+    )
     out.comment("format: <figure> <value> <unit>  # details")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=1_000_000)
     ap.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    ap.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                    help="a database on the PostgreSQL server (used for CREATE/DROP DATABASE)")
+    ap.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a database on the PostgreSQL server (used for CREATE/DROP DATABASE)",
+    )
+    ap.add_argument(
+        "--pg-analyze",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: ANALYZE like autovacuum would (for servers with autovacuum off); none: never",
+    )
     ap.add_argument("--out", help="also write the figure lines to this file")
+    ap.add_argument("--append", action="store_true", help="append to --out instead")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tmp", help="folder for the SQLite database (default: system temp)")
-    ap.add_argument("--try-indexes", action="store_true",
-                    help="after timing, create candidate indexes and time the queries again")
-    ap.add_argument("--profile-batches", type=int, default=0,
-                    help="cProfile this many batches from the middle of the load")
+    ap.add_argument(
+        "--try-indexes",
+        action="store_true",
+        help="after timing, create candidate indexes in the benchmark DB and time again",
+    )
+    ap.add_argument(
+        "--profile-batches",
+        type=int,
+        default=0,
+        help="profile this many batches from the middle of the load (excluded from the rate)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the databases")
     args = ap.parse_args()
 
@@ -749,10 +892,13 @@ def main() -> None:
     ds = make_dataset(args.instances, args.seed)
     err.print(f"planned {ds.describe()} in {time.perf_counter() - t0:.1f}s")
     queries = make_queries(ds)
-    out = Out(args.out)
+    out = Out(args.out, args.append)
     header(args, ds, out)
     for name in ("sqlite", "postgresql") if args.db == "both" else (args.db,):
-        backend = sqlite_backend(args.tmp) if name == "sqlite" else pg_backend(args.pg_url, args.tmp)
+        if name == "sqlite":
+            backend = sqlite_backend(args.tmp)
+        else:
+            backend = pg_backend(args.pg_url, args.tmp)
         run_backend(backend, ds, queries, args, out)
 
 

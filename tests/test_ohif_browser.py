@@ -154,7 +154,9 @@ def medlake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Medlake
     app = create_web_app(archive, dist, background=False)
     assert viewer_path(app) == "/ohif/"
     log = RequestLog()
-    config = uvicorn.Config(Logged(app, log), host="127.0.0.1", port=_free_port(), log_level="warning")
+    config = uvicorn.Config(
+        Logged(app, log), host="127.0.0.1", port=_free_port(), log_level="warning"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-ohif", daemon=True)
     thread.start()
@@ -170,6 +172,9 @@ def medlake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Medlake
         server.should_exit = True
         thread.join(timeout=30)
         archive.close()
+        with log.lock:  # the server's access log, for whoever looks at the screenshots
+            lines = [f"{status} {method} {path}" for method, path, status in log.entries]
+        (root / "requests.log").write_text("\n".join(lines) + "\n")
 
 
 # --- the browser --------------------------------------------------------------------------
@@ -218,7 +223,9 @@ def browsing(browser: Any, medlake_server: Medlake) -> Iterator[Browsing]:
     page.on("response", lambda r: seen.responses.append((r.status, r.url)))
     page.on("requestfailed", lambda r: seen.errors.append(f"request failed: {r.url} {r.failure}"))
     page.on("pageerror", lambda e: seen.errors.append(f"page error: {e}"))
-    page.on("console", lambda m: seen.errors.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console", lambda m: seen.errors.append(f"console: {m.text}") if m.type == "error" else None
+    )
     try:
         yield seen
     finally:
@@ -230,7 +237,9 @@ def _state(page: Any) -> dict[str, Any] | None:
     return state
 
 
-def _wait_for_drawn_image(seen: Browsing, images: int, what: str, timeout: float = 45) -> dict[str, Any]:
+def _wait_for_drawn_image(
+    seen: Browsing, images: int, what: str, timeout: float = 45
+) -> dict[str, Any]:
     """Wait until the first viewport holds ``images`` images and its canvas shows a
     non-uniform picture; returns the viewport state."""
     deadline = time.monotonic() + timeout
@@ -264,10 +273,12 @@ def test_study_list_shows_every_demo_study(browsing: Browsing, medlake_server: M
     shot = browsing.shot("study-list")
     rows = page.locator("tbody tr").filter(has=page.get_by_role("cell", name="ACC", exact=False))
     assert rows.count() == len(DEMO_STUDIES), f"{rows.count()} study rows; screenshot {shot}"
-    table = page.locator("tbody", has=rows.first).inner_text()
+    table = "\n".join(rows.all_inner_texts())
     for _pid, name, description, _date, _series in DEMO_STUDIES:
         family, given = name.split("^")
-        assert f"{family}, {given}" in table, f"{name} missing from the study list; screenshot {shot}"
+        assert f"{family}, {given}" in table, (
+            f"{name} missing from the study list; screenshot {shot}"
+        )
         assert description in table, f"{description} missing from the study list; screenshot {shot}"
     # the list is one QIDO-RS study search with includefield, answered by medlake
     searches = medlake_server.log.matching("/dicomweb/studies?")
@@ -292,7 +303,9 @@ def test_ct_series_is_displayed(browsing: Browsing, medlake_server: Medlake) -> 
     assert not _dicomweb_failures(browsing), f"{_dicomweb_failures(browsing)}; screenshot {shot}"
 
 
-def test_multiframe_us_is_displayed_and_scrolls(browsing: Browsing, medlake_server: Medlake) -> None:
+def test_multiframe_us_is_displayed_and_scrolls(
+    browsing: Browsing, medlake_server: Medlake
+) -> None:
     study = demo_uid("study", US_STUDY)
     page = browsing.page
     page.goto(f"{medlake_server.viewer}viewer?StudyInstanceUIDs={study}")
@@ -317,7 +330,9 @@ def test_multiframe_us_is_displayed_and_scrolls(browsing: Browsing, medlake_serv
         if later["index"] >= 10:
             break
     shot = browsing.shot("us-scrolled")
-    assert later["index"] > 0, f"the wheel did not move to another frame: {later}; screenshot {shot}"
+    assert later["index"] > 0, (
+        f"the wheel did not move to another frame: {later}; screenshot {shot}"
+    )
     frame = later["index"] + 1
     assert later["imageId"].endswith(f"/frames/{frame}"), later
     assert later["std"] > 5 and later["hash"] != first["hash"], (

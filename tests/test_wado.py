@@ -162,7 +162,7 @@ def test_metadata_matches_the_stored_header(client, stored: dict[str, Path]) -> 
     [item] = client.get(f"/dicomweb/studies/{study}/series/{series}/metadata").json()
 
     header = pydicom.dcmread(mr, stop_before_pixels=True)
-    from_json = pydicom.Dataset.from_json(item)
+    from_json = pydicom.Dataset.from_json({k: v for k, v in item.items() if "BulkDataURI" not in v})
     for keyword in ("PatientName", "PatientID", "StudyDate", "Rows", "Columns", "WindowCenter",
                     "ImagePositionPatient", "PixelSpacing", "SOPInstanceUID", "Manufacturer"):  # fmt: skip
         assert from_json.get(keyword) == header.get(keyword), keyword

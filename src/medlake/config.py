@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
     ohif_dist: Path | None = Field(
         default=None,
-        description="Folder of the prebuilt OHIF viewer (npm @ohif/app, its dist/) served at /ohif/; "
-        "default {repo or cwd}/.cache/ohif/dist when present (scripts/install-ohif.sh puts it there).",
+        description="Folder of the prebuilt OHIF viewer (npm @ohif/app's dist/), served at "
+        "/ohif/; default {repo or cwd}/.cache/ohif/dist when present "
+        "(scripts/install-ohif.sh puts it there).",
     )
 
     @property

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from medlake import __version__
-from medlake.api import admin_routes, dicomweb_routes
+from medlake.api import admin_routes, dicomweb_routes, extended_tags_routes
 from medlake.api.errors import install_error_handlers
 from medlake.dicomweb.metadata_refresher import MetadataRefresher
 from medlake.ingest.archive import Archive
@@ -41,6 +41,7 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     app.state.health = health
     install_error_handlers(app)
     app.include_router(admin_routes.router)
+    app.include_router(extended_tags_routes.router)
     app.include_router(dicomweb_routes.router, prefix="/dicomweb/partitions/{partition}")
     app.include_router(dicomweb_routes.router, prefix="/dicomweb")
     return app

@@ -24,7 +24,7 @@ from medlake.dicomweb import retrieve as retrieve_service
 from medlake.dicomweb.delete import delete as delete_service
 from medlake.dicomweb.locate import StoredInstance
 from medlake.dicomweb.search import run_search
-from medlake.errors import InvalidInput, NotAcceptable, UnsupportedMediaType
+from medlake.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from medlake.ingest.archive import Archive
 from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.types import DEFAULT_PARTITION, check_partition
@@ -72,7 +72,7 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
             async for chunk in request.stream():
                 part.write(chunk)
                 if limit and part.size > limit:
-                    raise InvalidInput(f"request body exceeds the limit of {limit} bytes")
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         except BaseException:
             part.discard()
             raise

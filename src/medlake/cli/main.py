@@ -12,12 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medlake import __version__
+from medlake.cli import lifecycle_cmd
 from medlake.cli.local_ingest import BATCH, find_files, ingest_batch
 from medlake.config import Settings, load_settings
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
 
 app = typer.Typer(help="medlake: an open medical-data lakehouse.", no_args_is_help=True)
+app.add_typer(lifecycle_cmd.app, name="lifecycle")
 console = Console()
 
 DataOption = Annotated[
@@ -76,7 +78,7 @@ def serve(
     if viewer:
         console.print(f"Viewer (OHIF): http://{settings.host}:{settings.http_port}{viewer}")
     else:
-        console.print("[yellow]no OHIF viewer: run scripts/install-ohif.sh (or set MEDLAKE_OHIF_DIST)[/]")
+        console.print("[yellow]no OHIF viewer[/]: run scripts/install-ohif.sh (MEDLAKE_OHIF_DIST)")
     if not insecure_no_auth:
         console.print("[yellow]authentication is not built yet: every request is allowed[/]")
     uvicorn.run(

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -184,13 +185,17 @@ def parse_tag_requests(body: Any) -> list[TagRequest]:
             if name is None:
                 raise InvalidInput(f"extended query tag #{number} has unknown field {key!r}")
             if value is not None and not isinstance(value, str):
-                raise InvalidInput(f"field {key!r} of extended query tag #{number} must be a string")
+                raise InvalidInput(
+                    f"field {key!r} of extended query tag #{number} must be a string"
+                )
             fields[name] = value or None
         path, level = fields.pop("path", None), fields.pop("level", None)
         if not path:
             raise InvalidInput(f"extended query tag #{number} has no path")
         if not level:
-            raise InvalidInput(f"extended query tag {path!r} has no level (Study, Series or Instance)")
+            raise InvalidInput(
+                f"extended query tag {path!r} has no level (Study, Series or Instance)"
+            )
         out.append(TagRequest(path, level, fields.get("vr"), fields.get("private_creator")))
     return out
 
@@ -241,9 +246,7 @@ def _parse_level(value: str, shown: str) -> Level:
     try:
         return Level(value.strip().lower())
     except ValueError:
-        raise InvalidInput(
-            f"level {value!r} of {shown} is not Study, Series or Instance"
-        ) from None
+        raise InvalidInput(f"level {value!r} of {shown} is not Study, Series or Instance") from None
 
 
 def _private_vr(tag: int, element: int, shown: str, vr: str | None, creator: str | None) -> str:
@@ -254,7 +257,9 @@ def _private_vr(tag: int, element: int, shown: str, vr: str | None, creator: str
             raise InvalidInput(f"{shown} is a Private Creator element, whose VR is LO, not {vr}")
         return "LO"
     if not vr:
-        raise InvalidInput(f"private tag {shown} needs a vr: private tags are not in the dictionary")
+        raise InvalidInput(
+            f"private tag {shown} needs a vr: private tags are not in the dictionary"
+        )
     if not creator:
         raise InvalidInput(
             f"private tag {shown} needs a privateCreator: the meaning of a private element "
@@ -384,19 +389,21 @@ def delete_tag(archive: Archive, path: str) -> None:
             with archive.engine.begin() as conn:
                 ids = list(
                     conn.execute(
-                        select(table.c.instance_id).where(table.c.tag_id == row.id).limit(DELETE_BATCH)
+                        select(table.c.instance_id)
+                        .where(table.c.tag_id == row.id)
+                        .limit(DELETE_BATCH)
                     ).scalars()
                 )
                 if not ids:
                     break
-                conn.execute(delete(table).where(table.c.tag_id == row.id, table.c.instance_id.in_(ids)))
+                conn.execute(
+                    delete(table).where(table.c.tag_id == row.id, table.c.instance_id.in_(ids))
+                )
     with archive.engine.begin() as conn:
         conn.execute(delete(extended_query_tags).where(extended_query_tags.c.id == row.id))
 
 
-def tag_errors(
-    archive: Archive, path: str, *, limit: int = 100, offset: int = 0
-) -> list[TagError]:
+def tag_errors(archive: Archive, path: str, *, limit: int = 100, offset: int = 0) -> list[TagError]:
     """The instances whose value of the tag could not be indexed, with the reason."""
     if not 1 <= limit <= 200:
         raise InvalidInput(f"limit must be between 1 and 200, not {limit}")
@@ -551,7 +558,7 @@ def _reindex(archive: Archive, operation_id: str, batch_size: int) -> None:
             return
         _progress(conn, operation_id, 0, OperationStatus.RUNNING)
         total = conn.execute(select(func.count()).select_from(instances)).scalar_one()
-        tag_names = [t.name for t in _tags_of(conn, operation_id)]
+        tag_names = [f"{t.tag:08X}" for t in _tags_of(conn, operation_id)]
     done, last_id = 0, 0
     while True:
         with archive.engine.connect() as conn:
@@ -565,7 +572,7 @@ def _reindex(archive: Archive, operation_id: str, batch_size: int) -> None:
             ).all()  # fmt: skip
         if not tags or not batch:
             break
-        read = list(_READERS.map(lambda row: _read_values(archive, tags, row), batch))
+        read = list(_READERS.map(partial(_read_values, archive, tags), batch))
         with archive.engine.begin() as conn:
             still = {t.id for t in _tags_of(conn, operation_id)}  # some may be deleted meanwhile
             present = set(
@@ -644,17 +651,15 @@ def _finish(
     detail: dict[str, Any] = {"tags": list(tags)}
     if message:
         detail["message"] = message
+    values: dict[str, Any] = {
+        "status": status.value,
+        "detail": orjson.dumps(detail).decode(),
+        "updated_at": utcnow(),
+    }
+    if status is OperationStatus.SUCCEEDED:
+        values["percent_complete"] = 100
     with archive.engine.begin() as conn:
-        conn.execute(
-            update(operations)
-            .where(operations.c.id == operation_id)
-            .values(
-                status=status.value,
-                percent_complete=100 if status is OperationStatus.SUCCEEDED else None,
-                detail=orjson.dumps(detail).decode(),
-                updated_at=utcnow(),
-            )
-        )
+        conn.execute(update(operations).where(operations.c.id == operation_id).values(**values))
 
 
 __all__ = [

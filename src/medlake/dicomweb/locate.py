@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, update
 
+from medlake.dicomweb.lifecycle import warm_up
 from medlake.errors import NotFound
 from medlake.index.schema import instances, partitions, series, studies
 from medlake.index.writes import utcnow
+from medlake.storage.base import BlobStore, Tier
 from medlake.types import check_uid
 
 
@@ -80,8 +82,9 @@ def _missing(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str
     return f"study {study_uid} is not stored"
 
 
-def touch(conn: Connection, found: list[StoredInstance]) -> None:
-    """Record a read: last access time, and a cool/cold blob goes back to hot."""
+def touch(conn: Connection, found: list[StoredInstance], blobs: BlobStore | None = None) -> None:
+    """Record a read: last access time, and (given the ``blobs`` to move them in) a
+    cool/cold blob goes back to hot."""
     ids = [i.id for i in found]
     now = utcnow()
     # Hour granularity is plenty for day-based lifecycle rules and keeps reads write-free.
@@ -92,3 +95,6 @@ def touch(conn: Connection, found: list[StoredInstance]) -> None:
             .where(instances.c.id.in_(ids[start : start + 500]), instances.c.last_accessed_at < stale)
             .values(last_accessed_at=now)
         )
+    cooler = [(i.id, i.blob_key, Tier(i.tier)) for i in found if i.tier != Tier.HOT]
+    if cooler and blobs is not None:
+        warm_up(conn, blobs, cooler, now)

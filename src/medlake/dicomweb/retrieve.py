@@ -28,7 +28,7 @@ def retrieve(
     """The instances to send for a study / series / instance retrieve (records the access)."""
     with archive.engine.begin() as conn:
         found = find_instances(conn, partition, study_uid, series_uid, sop_uid)
-        touch(conn, found)
+        touch(conn, found, archive.blobs)
     return found
 
 

@@ -86,9 +86,7 @@ class InstanceRef:
 def indexing_tags(conn: Connection, *, tag_ids: Iterable[int] | None = None) -> list[IndexedTag]:
     """Tags new instances must get values for: every tag being added or ready (a tag
     being deleted gets none). ``tag_ids`` narrows them to those ids."""
-    query = select(extended_query_tags).where(
-        extended_query_tags.c.status.in_(("adding", "ready"))
-    )
+    query = select(extended_query_tags).where(extended_query_tags.c.status.in_(("adding", "ready")))
     if tag_ids is not None:
         query = query.where(extended_query_tags.c.id.in_(list(tag_ids)))
     return [
@@ -101,15 +99,14 @@ def extract_values(ds: Dataset, tags: Sequence[IndexedTag]) -> list[TagValue]:
     """The value of each of ``tags`` in ``ds`` (tags absent or empty in ``ds`` give none)."""
     out = []
     for tag in tags:
-        element = _find(ds, tag)
-        if element is None:
-            continue
         try:
-            value = _single_value(ds, element, tag)
-            if value is None:
-                continue
-            out.append(_typed(tag, value))
-        except ValueError as exc:
+            element = _find(ds, tag)
+            value = None if element is None else _single_value(ds, element, tag)
+            if value is not None:
+                out.append(_typed(tag, value))
+        # Whatever the bytes are (pydicom decodes them lazily, here), a bad value must
+        # become an error row, never fail the store of the instance.
+        except Exception as exc:
             out.append(TagValue(tag.id, error=f"{_label(tag)}: {exc}"[:512]))
     return out
 
@@ -133,7 +130,7 @@ def _find(ds: Dataset, tag: IndexedTag) -> DataElement | None:
 def _single_value(ds: Dataset, element: DataElement, tag: IndexedTag) -> Any:
     """The one value of ``element`` read as ``tag.vr``; None when empty."""
     value = element.value
-    if element.VR != tag.vr and isinstance(value, bytes):
+    if tag.vr != element.VR and isinstance(value, bytes):
         # Implicit VR files carry private elements as UN: decode them with the tag's VR.
         raw = RawDataElement(element.tag, tag.vr, len(value), value, 0, True, True)
         charset = ds.get(_SPECIFIC_CHARACTER_SET)

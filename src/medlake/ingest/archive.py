@@ -10,7 +10,9 @@ from sqlalchemy import Engine
 
 from medlake.config import Settings
 from medlake.index.database import open_index
+from medlake.index.writes import partition_id
 from medlake.storage import BlobStore, LakeLayout, open_blob_store
+from medlake.types import DEFAULT_PARTITION
 
 
 @dataclass
@@ -24,9 +26,14 @@ class Archive:
 
     @classmethod
     def open(cls, settings: Settings) -> Archive:
-        """Open (and, on first use, create) the lake and the index of ``settings``."""
+        """Open (and, on first use, create) the lake and the index of ``settings``,
+        with its ``default`` partition."""
         settings.data.mkdir(parents=True, exist_ok=True)
         engine = open_index(settings.resolved_database_url)
+        with engine.begin() as conn:
+            # The default partition always exists, so searching an empty archive finds
+            # nothing instead of reporting an unknown partition.
+            partition_id(conn, DEFAULT_PARTITION, create=True)
         blobs = open_blob_store(
             settings.resolved_lake_url,
             storage_options=settings.storage_options,

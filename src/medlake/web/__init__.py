@@ -17,7 +17,9 @@ from medlake.web.viewer import VIEWER_PATH, find_ohif_dist, mount_viewer
 log = logging.getLogger(__name__)
 
 
-def create_web_app(archive: Archive, ohif_dist: Path | None = None, *, background: bool = True) -> FastAPI:
+def create_web_app(
+    archive: Archive, ohif_dist: Path | None = None, *, background: bool = True
+) -> FastAPI:
     """:func:`medlake.api.create_app` with the OHIF viewer at ``/ohif/`` when its dist exists.
 
     ``ohif_dist`` defaults to :func:`find_ohif_dist` of the archive's settings. Without a

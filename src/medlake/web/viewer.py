@@ -35,7 +35,8 @@ from medlake.config import Settings
 
 log = logging.getLogger(__name__)
 
-#: Where the viewer is served: study list at ``/ohif/``, a study at ``/ohif/viewer?StudyInstanceUIDs=``.
+#: Where the viewer is served: the study list at ``/ohif/``, a study at
+#: ``/ohif/viewer?StudyInstanceUIDs=…``.
 VIEWER_PATH = "/ohif"
 
 #: ``.cache/ohif/dist`` relative to the repository (or the working directory).
@@ -116,7 +117,7 @@ def app_config(dicomweb_root: str, router_basename: str) -> dict[str, object]:
                     "qidoRoot": dicomweb_root,
                     "wadoRoot": dicomweb_root,
                     # medlake has no WADO-URI; only used with imageRendering 'wadouri'
-                    "wadoUriRoot": dicomweb_root,
+                    "wadoUriRoot": f"{dicomweb_root}/wado",
                     "qidoSupportsIncludeField": True,
                     "supportsFuzzyMatching": True,
                     "supportsWildcard": True,
@@ -171,8 +172,10 @@ class OhifViewer:
     # -- routes -------------------------------------------------------------------------
 
     def mount(self, app: FastAPI) -> None:
-        """Add the viewer's routes to ``app`` (after its own, so they take precedence)."""
-        app.add_api_route(self.path, self._redirect, methods=["GET", "HEAD"], include_in_schema=False)
+        """Add the viewer's routes to ``app``, after the app's own routes (which win on a clash)."""
+        app.add_api_route(
+            self.path, self._redirect, methods=["GET", "HEAD"], include_in_schema=False
+        )
         app.add_api_route(
             self.path + "/{rest:path}", self.serve, methods=["GET", "HEAD"], include_in_schema=False
         )
@@ -190,7 +193,9 @@ class OhifViewer:
         target = self._file(rest)
         if target is None:
             if Path(rest).suffix.lower() in _MEDIA_TYPES and not rest.endswith(".html"):
-                return Response(f"{rest} is not part of OHIF {self.version}\n", 404, media_type="text/plain")
+                return Response(
+                    f"{rest} is not part of OHIF {self.version}\n", 404, media_type="text/plain"
+                )
             target = self.dist / "index.html"
         return await self._file_response(request, target)
 
@@ -266,4 +271,11 @@ def mount_viewer(app: FastAPI, dist: Path, path: str = VIEWER_PATH) -> OhifViewe
     return viewer
 
 
-__all__ = ["VIEWER_PATH", "OhifViewer", "app_config", "find_ohif_dist", "mount_viewer", "ohif_version"]
+__all__ = [
+    "VIEWER_PATH",
+    "OhifViewer",
+    "app_config",
+    "find_ohif_dist",
+    "mount_viewer",
+    "ohif_version",
+]
