@@ -116,7 +116,7 @@ def app_config(dicomweb_root: str, router_basename: str) -> dict[str, object]:
                     "name": "medlake",
                     "qidoRoot": dicomweb_root,
                     "wadoRoot": dicomweb_root,
-                    # medlake has no WADO-URI; only used with imageRendering 'wadouri'
+                    # WADO-URI (PS3.18 ch. 9), used when imageRendering is "wadouri"
                     "wadoUriRoot": f"{dicomweb_root}/wado",
                     "qidoSupportsIncludeField": True,
                     "supportsFuzzyMatching": True,
