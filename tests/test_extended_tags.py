@@ -3,6 +3,7 @@ stored instances, values indexed at ingest, and QIDO-RS matching on the tags."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 from pathlib import Path
@@ -15,18 +16,20 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from tests.conftest import StowCall
 from tests.dicomweb_payloads import copy_with_uids
 
 from medlake.dicom.attributes import BY_TAG
 from medlake.dicomweb import extended_tags
 from medlake.index.extended_values import SUPPORTED_VRS, IndexedTag, extract_values
-from medlake.index.schema import extended_query_tag_values
+from medlake.index.schema import extended_query_tag_values, operations
+from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
 
 CT_STUDY_AGE = "045Y"
 MR_STUDY_AGE = "062Y"
+HOUR = dt.timedelta(hours=1)
 
 
 def uids(path: Path) -> tuple[str, str, str]:
@@ -165,7 +168,8 @@ def test_tag_being_added_is_listed_but_not_yet_searchable(
 
 
 def test_private_tag_with_vr_and_private_creator(client, stored: dict[str, Path]) -> None:
-    add(client, {"path": "00091002", "vr": "SH", "privateCreator": "GEMS_IDEN_01", "level": "Series"})  # fmt: skip
+    add(client, {"path": "00091002", "vr": "SH", "privateCreator": "GEMS_IDEN_01",
+                 "level": "Series"})  # fmt: skip
 
     tag = client.get("/extendedquerytags/00091002").json()
     assert (tag["vr"], tag["privateCreator"], tag["level"]) == ("SH", "GEMS_IDEN_01", "Series")
@@ -211,6 +215,7 @@ def test_instance_level_tag_cannot_be_matched_in_a_study_search(
         ([{"path": "ReferencedImageSequence", "level": "Instance"}], 400,
          ["ReferencedImageSequence", "SQ"]),
         ([{"path": "ImageComments", "level": "Instance"}], 400, ["ImageComments", "VR LT"]),
+        ([{"path": "PixelData", "level": "Instance"}], 400, ["PixelData", "7FE0"]),
         ([{"path": "PatientAge", "vr": "LO", "level": "Study"}], 400, ["PatientAge", "AS"]),
         ([{"path": "PatientAge", "level": "Patient"}], 400, ["'Patient'"]),
         ([{"path": "PatientAge"}], 400, ["PatientAge", "level"]),
@@ -260,7 +265,7 @@ def _indexable_tags(count: int) -> list[str]:
     found = []
     for tag, (vr, vm, _name, retired, keyword) in sorted(DicomDictionary.items()):
         if (vr in SUPPORTED_VRS and vm == "1" and not retired and keyword
-                and tag not in BY_TAG and tag >> 16 not in (0x0000, 0x0002)):  # fmt: skip
+                and tag not in BY_TAG and tag >> 16 not in (0x0000, 0x0002, 0x0004)):  # fmt: skip
             found.append(f"{tag:08X}")
         if len(found) == count:
             return found
@@ -318,6 +323,24 @@ def test_deleting_a_tag_while_it_is_being_added_cancels_its_reindex(
     assert finished.status == "failed"
     assert finished.message is not None and "deleted" in finished.message
     assert client.get("/extendedquerytags").json() == []
+
+
+def test_reindex_interrupted_by_a_stopped_process_is_resumed(
+    client, archive: Archive, stored: dict[str, Path]
+) -> None:
+    operation = extended_tags.add_tags(archive, [extended_tags.TagRequest("PatientAge", "Study")])
+    with archive.engine.begin() as conn:  # as if its process died an hour ago
+        conn.execute(
+            update(operations)
+            .where(operations.c.id == operation.id)
+            .values(status="running", percent_complete=50, updated_at=utcnow() - HOUR)
+        )
+
+    assert extended_tags.resume_interrupted(archive) == [operation.id]
+
+    assert wait_for(client, f"/operations/{operation.id}")["status"] == "succeeded"
+    assert matches(client, "studies", f"PatientAge={CT_STUDY_AGE}") == [uids(stored["ct"])[0]]
+    assert extended_tags.resume_interrupted(archive) == []
 
 
 def test_unknown_tag_and_operation_are_404(client) -> None:

@@ -25,6 +25,14 @@ def partition_names(client) -> list[str]:
     return [p["partitionName"] for p in response.json()]
 
 
+def test_empty_archive_has_an_empty_default_partition(client) -> None:
+    response = client.get("/dicomweb/studies")
+
+    assert response.status_code == 204
+    assert response.headers["x-total-count"] == "0"
+    assert partition_names(client) == ["default"]
+
+
 def test_first_stow_creates_the_partition(
     client, stow: StowCall, samples: dict[str, Path], lake: LakeInspection
 ) -> None:

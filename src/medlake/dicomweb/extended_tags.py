@@ -221,7 +221,10 @@ def _resolve(request: TagRequest) -> _NewTag:
     shown = f"{keyword} ({tag:08X})" if keyword else f"{tag:08X}"
     level = _parse_level(request.level, shown)
     if group in _NOT_INDEXABLE_GROUPS:
-        raise InvalidInput(f"{shown} is not an attribute of the data set and cannot be indexed")
+        raise InvalidInput(
+            f"{shown} cannot be an extended query tag: group {group:04X} holds command, "
+            "file meta, directory, pixel data or item elements"
+        )
     if tag in BY_TAG:
         raise InvalidInput(f"{shown} is already searchable as a standard QIDO-RS attribute")
     vr = request.vr.upper() if request.vr else None
@@ -574,10 +577,14 @@ def _reindex(archive: Archive, operation_id: str, batch_size: int) -> None:
             break
         read = list(_READERS.map(partial(_read_values, archive, tags), batch))
         with archive.engine.begin() as conn:
-            still = {t.id for t in _tags_of(conn, operation_id)}  # some may be deleted meanwhile
+            # Tags deleted meanwhile are left out; the lock keeps the rest until commit.
+            still = {t.id for t in _tags_of(conn, operation_id, lock=True)}
+            # Instances deleted meanwhile get no values (their rows would violate the FK).
             present = set(
                 conn.execute(
-                    select(instances.c.id).where(instances.c.id.in_([r.id for r in batch]))
+                    select(instances.c.id)
+                    .where(instances.c.id.in_([r.id for r in batch]))
+                    .with_for_update(read=True)
                 ).scalars()
             )
             write_values(
@@ -609,14 +616,14 @@ def _reindex(archive: Archive, operation_id: str, batch_size: int) -> None:
         )  # fmt: skip
 
 
-def _tags_of(conn: Connection, operation_id: str) -> list[IndexedTag]:
+def _tags_of(conn: Connection, operation_id: str, *, lock: bool = False) -> list[IndexedTag]:
     ids = conn.execute(
         select(extended_query_tags.c.id).where(
             extended_query_tags.c.operation_id == operation_id,
             extended_query_tags.c.status == TagStatus.ADDING.value,
         )
     ).scalars()
-    return indexing_tags(conn, tag_ids=list(ids))
+    return indexing_tags(conn, tag_ids=list(ids), lock=lock)
 
 
 def _read_values(

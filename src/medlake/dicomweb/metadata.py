@@ -19,11 +19,11 @@ import pydicom
 from sqlalchemy import select, update
 
 from medlake.dicom.parse import BULK_DATA_THRESHOLD
-from medlake.errors import NotFound
-from medlake.index.writes import utcnow
-from medlake.index.schema import partitions, series, studies
-from medlake.ingest.archive import Archive
 from medlake.dicomweb.locate import StoredInstance, find_instances
+from medlake.errors import NotFound
+from medlake.index.schema import partitions, series, studies
+from medlake.index.writes import utcnow
+from medlake.ingest.archive import Archive
 from medlake.types import check_uid
 
 _PIXEL_DATA = 0x7FE00010

@@ -83,12 +83,21 @@ class InstanceRef:
     series_id: int
 
 
-def indexing_tags(conn: Connection, *, tag_ids: Iterable[int] | None = None) -> list[IndexedTag]:
+def indexing_tags(
+    conn: Connection, *, tag_ids: Iterable[int] | None = None, lock: bool = False
+) -> list[IndexedTag]:
     """Tags new instances must get values for: every tag being added or ready (a tag
-    being deleted gets none). ``tag_ids`` narrows them to those ids."""
+    being deleted gets none). ``tag_ids`` narrows them to those ids.
+
+    ``lock`` (before writing values): PostgreSQL holds a share lock on the tags until
+    the transaction ends, so a tag cannot be deleted between this read and the insert
+    of its values. SQLite has a single writer and needs none.
+    """
     query = select(extended_query_tags).where(extended_query_tags.c.status.in_(("adding", "ready")))
     if tag_ids is not None:
         query = query.where(extended_query_tags.c.id.in_(list(tag_ids)))
+    if lock:
+        query = query.with_for_update(read=True)
     return [
         IndexedTag(r.id, int(r.tag, 16), r.vr, r.keyword or "", r.private_creator)
         for r in conn.execute(query)
@@ -240,7 +249,7 @@ def index_new_instances(
 ) -> None:
     """Index the extended query tags of newly stored instances (one query when there
     are no tags, which is the common case)."""
-    tags = indexing_tags(conn)
+    tags = indexing_tags(conn, lock=True)
     if not tags:
         return
     write_values(

@@ -1,0 +1,144 @@
+"""The ``medlake`` command line: --version, ingest, ls (index on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medlake import __version__
+from medlake.cli.main import app
+from medlake.config import Settings
+from medlake.ingest.archive import Archive
+from tests.lake_inspection import LakeInspection
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "medlake-data"
+
+
+@pytest.fixture
+def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """Runs commands in-process with the index at ``db_url`` (MEDLAKE_DATABASE_URL)."""
+    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
+    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+
+@pytest.fixture
+def inspect(data: Path, db_url: str) -> Iterator[LakeInspection]:
+    """Look at what the commands left (opened lazily, after they ran)."""
+    archives: list[Archive] = []
+
+    class Lazy(LakeInspection):
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def archive(self) -> Archive:  # type: ignore[override]
+            if not archives:
+                archives.append(Archive.open(Settings(data=data, database_url=db_url)))
+            return archives[0]
+
+    yield Lazy()
+    for opened in archives:
+        opened.close()
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.output.strip() == f"medlake {__version__}"
+
+
+def test_installed_entry_point_prints_the_version() -> None:
+    script = Path(sys.executable).with_name("medlake")
+
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout
+
+
+def test_ingest_then_ls(runner: CliRunner, data: Path, demo_files: list[Path], inspect: LakeInspection) -> None:
+    folder = demo_files[0].parents[2]
+    before = {p: p.read_bytes() for p in demo_files}
+
+    ingested = runner.invoke(app, ["ingest", str(folder), "--data", str(data)])
+    listed = runner.invoke(app, ["ls", "--data", str(data)])
+
+    assert ingested.exit_code == 0, ingested.output
+    assert "37 stored" in ingested.output
+    assert "0 failed" in ingested.output
+    assert listed.exit_code == 0, listed.output
+    assert "4 studies" in listed.output
+    for text in ("DEMO001", "DOE^JANE", "ROE^RICHARD", "POE^EDGAR", "CT\\MR\\OT"):
+        assert text in listed.output
+    # Sources are untouched, and the lake holds byte-identical copies.
+    assert {p: p.read_bytes() for p in demo_files} == before
+    assert sorted(p.read_bytes() for p in inspect.dicom_files()) == sorted(before.values())
+    assert inspect.staging_files() == []
+
+
+def test_ingest_twice_is_idempotent(runner: CliRunner, data: Path, demo_files: list[Path]) -> None:
+    folder = demo_files[0].parents[2]
+    assert runner.invoke(app, ["ingest", str(folder), "--data", str(data)]).exit_code == 0
+
+    again = runner.invoke(app, ["ingest", str(folder), "--data", str(data)])
+
+    assert again.exit_code == 0, again.output
+    assert "0 stored, 37 duplicate" in again.output
+
+
+def test_ingest_into_a_partition(runner: CliRunner, data: Path, samples: dict[str, Path], inspect: LakeInspection) -> None:
+    ct = samples["CT_small.dcm"]
+
+    result = runner.invoke(app, ["ingest", str(ct), "--data", str(data), "--partition", "research"])
+    in_partition = runner.invoke(app, ["ls", "--data", str(data), "--partition", "research"])
+    in_default = runner.invoke(app, ["ls", "--data", str(data)])
+
+    assert result.exit_code == 0, result.output
+    assert "1 stored" in result.output
+    assert "1 studies" in in_partition.output
+    assert "CompressedSamples^CT1" in in_partition.output
+    assert "CompressedSamples^CT1" not in in_default.output
+    [stored] = inspect.dicom_files()
+    assert stored.relative_to(inspect.dicom_root).parts[0] == "research"
+
+
+def test_ingest_reports_rejected_files(
+    runner: CliRunner, data: Path, samples: dict[str, Path], tmp_path: Path, inspect: LakeInspection
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.dcm").write_bytes(samples["MR_small.dcm"].read_bytes())
+    (folder / "notes.txt").write_text("not an image\n" * 50)
+
+    result = runner.invoke(app, ["ingest", str(folder), "--data", str(data)])
+
+    assert result.exit_code == 1
+    assert "rejected" in result.output
+    assert "notes.txt" in result.output
+    assert "not a DICOM" in result.output
+    assert "1 stored" in result.output and "1 failed" in result.output
+    assert len(inspect.dicom_files()) == 1
+    assert inspect.staging_files() == []
+
+
+def test_ingest_of_a_missing_path_fails(runner: CliRunner, data: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ingest", str(tmp_path / "nope"), "--data", str(data)])
+
+    assert result.exit_code != 0
+    assert "nope" in result.output
+
+
+def test_ls_of_an_empty_archive(runner: CliRunner, data: Path) -> None:
+    result = runner.invoke(app, ["ls", "--data", str(data)])
+
+    assert result.exit_code == 0, result.output
+    assert "0 studies" in result.output
