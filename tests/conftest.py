@@ -3,9 +3,9 @@ behind a TestClient or a real uvicorn server on a free port, and sample files.
 
 Every test that uses ``settings`` (directly or through ``archive``, ``client``,
 ``live_server``) runs twice: ``[sqlite]`` and ``[postgresql]``. PostgreSQL is
-expected at 127.0.0.1:5432 (user postgres, trust auth); each test gets a fresh
-database, dropped afterwards. Only an unreachable server skips the
-``[postgresql]`` variants.
+expected at 127.0.0.1:5432 (user postgres, trust auth); the session creates a fresh
+database (dropped at the end) and each test its own schema in it. Only an
+unreachable server skips the ``[postgresql]`` variants.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from pydicom.data import get_testdata_file
+from tests.dicomweb_payloads import copy_with_uids, multipart_body, new_boundary, stow_headers
+from tests.lake_inspection import LakeInspection
 
 from medlake.api import create_app
 from medlake.cli.demo_data import write_demo_studies
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
-from tests.dicomweb_payloads import copy_with_uids, multipart_body, new_boundary, stow_headers
-from tests.lake_inspection import LakeInspection
 
 with warnings.catch_warnings():
     # Starlette suggests "httpx2"; the TestClient works with httpx as installed.
@@ -58,31 +58,47 @@ SAMPLE_NAMES = (
 
 
 @pytest.fixture(scope="session")
-def postgres_admin() -> str:
-    """Connection string of the PostgreSQL maintenance database; skips when unreachable."""
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped at the end); skips the
+    ``[postgresql]`` tests when the server is unreachable."""
     try:
         with psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc}")
-    return PG_ADMIN
+    name = f"medlake_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """SQLAlchemy URL of an empty index: a SQLite file, or a fresh PostgreSQL database."""
+    """SQLAlchemy URL of an empty index: a SQLite file, or a fresh PostgreSQL schema.
+
+    PostgreSQL tests share the session's database, each in its own schema (the URL sets
+    ``search_path``), so every test still starts from an empty index and runs the
+    migrations, without paying for CREATE/DROP DATABASE (a checkpoint each) per test.
+    """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'index.sqlite'}"
         return
-    admin = request.getfixturevalue("postgres_admin")
-    name = f"medlake_test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    database = request.getfixturevalue("postgres_database")
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    conninfo = PG_ADMIN.rsplit("/", 1)[0] + f"/{database}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield PG_URL.format(name=name)
+        # synchronous_commit=off: commits need not wait for the disk (tests survive no crash).
+        options = f"-csearch_path%3D{schema}%20-csynchronous_commit%3Doff"
+        yield PG_URL.format(name=database) + f"?options={options}"
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 # --- archive, app, servers ---------------------------------------------------------------

@@ -33,7 +33,9 @@ class LakeInspection:
         """``{lake}/medlake/default/dicom/default``."""
         return self.root / self.archive.layout.dicom_root
 
-    def instance_path(self, study: str, series_uid: str, sop: str, partition: str = "default") -> Path:
+    def instance_path(
+        self, study: str, series_uid: str, sop: str, partition: str = "default"
+    ) -> Path:
         """Where the data contract says an instance's file is."""
         return self.dicom_root / partition / study / series_uid / f"{sop}.dcm"
 

@@ -3,6 +3,7 @@ was — no file in the lake or staging folder, no index row, no change-feed entr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from tests.conftest import LiveServer, StowCall
 from tests.dicomweb_payloads import copy_with_uids, multipart_body, new_boundary, stow_headers
 from tests.lake_inspection import LakeInspection
@@ -143,7 +143,9 @@ def test_study_in_body_not_matching_url(
     lake.assert_untouched()
 
 
-def test_malformed_study_uid_in_url(stow: StowCall, samples: dict[str, Path], lake: LakeInspection) -> None:
+def test_malformed_study_uid_in_url(
+    stow: StowCall, samples: dict[str, Path], lake: LakeInspection
+) -> None:
     response = stow([samples["CT_small.dcm"]], study="1.2.abc")
 
     assert response.status_code == 400
@@ -168,25 +170,36 @@ def test_wrong_content_type_is_415(
 ) -> None:
     body = multipart_body([samples["CT_small.dcm"]], "x")
 
-    response = client.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type})
+    response = client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type}
+    )
 
     assert response.status_code == 415
     assert content_type.split(";")[0] in message(response) or "dicom+xml" in message(response)
     lake.assert_untouched()
 
 
-def test_missing_content_type_is_415(client, samples: dict[str, Path], lake: LakeInspection) -> None:
-    response = client.post("/dicomweb/studies", content=samples["CT_small.dcm"].read_bytes(),
-                           headers={"Content-Type": ""})  # fmt: skip
+def test_missing_content_type_is_415(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
+    response = client.post(
+        "/dicomweb/studies",
+        content=samples["CT_small.dcm"].read_bytes(),
+        headers={"Content-Type": ""},
+    )
 
     assert response.status_code == 415
     lake.assert_untouched()
 
 
-def test_part_of_another_type_is_415(client, samples: dict[str, Path], lake: LakeInspection) -> None:
+def test_part_of_another_type_is_415(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
     boundary = new_boundary()
     body = (
-        multipart_body([samples["CT_small.dcm"]], boundary).removesuffix(f"--{boundary}--\r\n".encode())
+        multipart_body([samples["CT_small.dcm"]], boundary).removesuffix(
+            f"--{boundary}--\r\n".encode()
+        )
         + f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n".encode()
     )
 
@@ -199,9 +212,10 @@ def test_part_of_another_type_is_415(client, samples: dict[str, Path], lake: Lak
 
 def test_missing_boundary_is_400(client, lake: LakeInspection) -> None:
     response = client.post(
-        "/dicomweb/studies", content=b"--x--\r\n",
+        "/dicomweb/studies",
+        content=b"--x--\r\n",
         headers={"Content-Type": 'multipart/related; type="application/dicom"'},
-    )  # fmt: skip
+    )
 
     assert response.status_code == 400
     assert "boundary" in message(response)
@@ -220,7 +234,9 @@ def test_empty_multipart_is_400(client, lake: LakeInspection, body: bytes, reaso
     boundary = new_boundary()
 
     response = client.post(
-        "/dicomweb/studies", content=body.replace(b"{b}", boundary.encode()), headers=stow_headers(boundary)
+        "/dicomweb/studies",
+        content=body.replace(b"{b}", boundary.encode()),
+        headers=stow_headers(boundary),
     )
 
     assert response.status_code == 400
@@ -229,13 +245,17 @@ def test_empty_multipart_is_400(client, lake: LakeInspection, body: bytes, reaso
 
 
 def test_empty_single_part_body_is_400(client, lake: LakeInspection) -> None:
-    response = client.post("/dicomweb/studies", content=b"", headers={"Content-Type": "application/dicom"})
+    response = client.post(
+        "/dicomweb/studies", content=b"", headers={"Content-Type": "application/dicom"}
+    )
 
     assert response.status_code == 400
     lake.assert_untouched()
 
 
-def test_body_without_closing_boundary_is_400(client, samples: dict[str, Path], lake: LakeInspection) -> None:
+def test_body_without_closing_boundary_is_400(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
     boundary = new_boundary()
     whole = multipart_body([samples["CT_small.dcm"], samples["MR_small.dcm"]], boundary)
     cut = whole[: -len(f"--{boundary}--\r\n") - 5000]
@@ -247,7 +267,9 @@ def test_body_without_closing_boundary_is_400(client, samples: dict[str, Path], 
     lake.assert_untouched()
 
 
-def test_body_with_another_boundary_is_400(client, samples: dict[str, Path], lake: LakeInspection) -> None:
+def test_body_with_another_boundary_is_400(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
     body = multipart_body([samples["CT_small.dcm"]], "the-real-one")
 
     response = client.post("/dicomweb/studies", content=body, headers=stow_headers("announced-one"))
@@ -263,11 +285,15 @@ def test_body_over_the_configured_limit_is_413(
     archive.settings.max_upload_bytes = 10_000  # CT_small is 39 kB
     data = samples["CT_small.dcm"].read_bytes()
     if single_part:
-        response = client.post("/dicomweb/studies", content=data, headers={"Content-Type": "application/dicom"})
+        response = client.post(
+            "/dicomweb/studies", content=data, headers={"Content-Type": "application/dicom"}
+        )
     else:
         boundary = new_boundary()
         response = client.post(
-            "/dicomweb/studies", content=multipart_body([data], boundary), headers=stow_headers(boundary)
+            "/dicomweb/studies",
+            content=multipart_body([data], boundary),
+            headers=stow_headers(boundary),
         )
 
     assert response.status_code == 413
@@ -290,10 +316,8 @@ def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 60.0) -
 def _staged_bytes(lake: LakeInspection) -> int:
     total = 0
     for path in lake.staging_files():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
             total += path.stat().st_size
-        except FileNotFoundError:  # removed meanwhile
-            pass
     return total
 
 
@@ -306,7 +330,7 @@ def _interrupted_upload(
     head = (
         "POST /dicomweb/studies HTTP/1.1\r\n"
         f"Host: {server.host}:{server.port}\r\n"
-        f"Content-Type: multipart/related; type=\"application/dicom\"; boundary={boundary}\r\n"
+        f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}\r\n'
         f"Content-Length: {declared}\r\n"
         "Accept: application/dicom+json\r\n\r\n"
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
@@ -316,7 +340,9 @@ def _interrupted_upload(
         for chunk in chunks:
             sock.sendall(chunk)
         _wait_for(lambda: _staged_bytes(lake) >= staged, f"{staged} bytes of the upload are staged")
-    _wait_for(lambda: lake.staging_files() == [], "the staging file of the cut-off upload is removed")
+    _wait_for(
+        lambda: lake.staging_files() == [], "the staging file of the cut-off upload is removed"
+    )
 
 
 def _generated(total: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -332,7 +358,9 @@ def _generated(total: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 def test_upload_interrupted_mid_way(
     live_server: LiveServer, lake: LakeInspection, samples: dict[str, Path]
 ) -> None:
-    _interrupted_upload(live_server, lake, declared=64 << 20, chunks=_generated(8 << 20), staged=4 << 20)
+    _interrupted_upload(
+        live_server, lake, declared=64 << 20, chunks=_generated(8 << 20), staged=4 << 20
+    )
 
     lake.assert_untouched()
     # The server is unharmed: the next upload is stored.
@@ -355,7 +383,11 @@ def test_upload_interrupted_inside_a_dicom_part(
     data = samples["examples_ybr_color.dcm"].read_bytes()
 
     _interrupted_upload(
-        live_server, lake, declared=len(data) + 1000, chunks=iter([data[: len(data) // 2]]), staged=1
+        live_server,
+        lake,
+        declared=len(data) + 1000,
+        chunks=iter([data[: len(data) // 2]]),
+        staged=1,
     )
 
     lake.assert_untouched()
@@ -371,7 +403,11 @@ def test_2gb_upload_interrupted(live_server: LiveServer, lake: LakeInspection) -
 
     sent = two_gib - (1 << 20)
     _interrupted_upload(
-        live_server, lake, declared=two_gib + 4096, chunks=_generated(sent), staged=sent - (64 << 20)
+        live_server,
+        lake,
+        declared=two_gib + 4096,
+        chunks=_generated(sent),
+        staged=sent - (64 << 20),
     )
 
     lake.assert_untouched()

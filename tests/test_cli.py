@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.lake_inspection import LakeInspection
 from typer.testing import CliRunner
 
 from medlake import __version__
 from medlake.cli.main import app
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
-from tests.lake_inspection import LakeInspection
 
 
 @pytest.fixture
@@ -30,23 +30,17 @@ def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 
 @pytest.fixture
-def inspect(data: Path, db_url: str) -> Iterator[LakeInspection]:
-    """Look at what the commands left (opened lazily, after they ran)."""
-    archives: list[Archive] = []
+def inspect(data: Path, db_url: str) -> Iterator[Callable[[], LakeInspection]]:
+    """``inspect()``: open the archive the commands wrote to (after they ran) and look at it."""
+    opened: list[Archive] = []
 
-    class Lazy(LakeInspection):
-        def __init__(self) -> None:
-            pass
+    def open_lake() -> LakeInspection:
+        opened.append(Archive.open(Settings(data=data, database_url=db_url)))
+        return LakeInspection(opened[-1])
 
-        @property
-        def archive(self) -> Archive:  # type: ignore[override]
-            if not archives:
-                archives.append(Archive.open(Settings(data=data, database_url=db_url)))
-            return archives[0]
-
-    yield Lazy()
-    for opened in archives:
-        opened.close()
+    yield open_lake
+    for archive in opened:
+        archive.close()
 
 
 def test_version() -> None:
@@ -65,7 +59,9 @@ def test_installed_entry_point_prints_the_version() -> None:
     assert __version__ in result.stdout
 
 
-def test_ingest_then_ls(runner: CliRunner, data: Path, demo_files: list[Path], inspect: LakeInspection) -> None:
+def test_ingest_then_ls(
+    runner: CliRunner, data: Path, demo_files: list[Path], inspect: Callable[[], LakeInspection]
+) -> None:
     folder = demo_files[0].parents[2]
     before = {p: p.read_bytes() for p in demo_files}
 
@@ -81,8 +77,8 @@ def test_ingest_then_ls(runner: CliRunner, data: Path, demo_files: list[Path], i
         assert text in listed.output
     # Sources are untouched, and the lake holds byte-identical copies.
     assert {p: p.read_bytes() for p in demo_files} == before
-    assert sorted(p.read_bytes() for p in inspect.dicom_files()) == sorted(before.values())
-    assert inspect.staging_files() == []
+    assert sorted(p.read_bytes() for p in inspect().dicom_files()) == sorted(before.values())
+    assert inspect().staging_files() == []
 
 
 def test_ingest_twice_is_idempotent(runner: CliRunner, data: Path, demo_files: list[Path]) -> None:
@@ -95,7 +91,9 @@ def test_ingest_twice_is_idempotent(runner: CliRunner, data: Path, demo_files: l
     assert "0 stored, 37 duplicate" in again.output
 
 
-def test_ingest_into_a_partition(runner: CliRunner, data: Path, samples: dict[str, Path], inspect: LakeInspection) -> None:
+def test_ingest_into_a_partition(
+    runner: CliRunner, data: Path, samples: dict[str, Path], inspect: Callable[[], LakeInspection]
+) -> None:
     ct = samples["CT_small.dcm"]
 
     result = runner.invoke(app, ["ingest", str(ct), "--data", str(data), "--partition", "research"])
@@ -107,12 +105,17 @@ def test_ingest_into_a_partition(runner: CliRunner, data: Path, samples: dict[st
     assert "1 studies" in in_partition.output
     assert "CompressedSamples^CT1" in in_partition.output
     assert "CompressedSamples^CT1" not in in_default.output
-    [stored] = inspect.dicom_files()
-    assert stored.relative_to(inspect.dicom_root).parts[0] == "research"
+    lake = inspect()
+    [stored] = lake.dicom_files()
+    assert stored.relative_to(lake.dicom_root).parts[0] == "research"
 
 
 def test_ingest_reports_rejected_files(
-    runner: CliRunner, data: Path, samples: dict[str, Path], tmp_path: Path, inspect: LakeInspection
+    runner: CliRunner,
+    data: Path,
+    samples: dict[str, Path],
+    tmp_path: Path,
+    inspect: Callable[[], LakeInspection],
 ) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -126,8 +129,8 @@ def test_ingest_reports_rejected_files(
     assert "notes.txt" in result.output
     assert "not a DICOM" in result.output
     assert "1 stored" in result.output and "1 failed" in result.output
-    assert len(inspect.dicom_files()) == 1
-    assert inspect.staging_files() == []
+    assert len(inspect().dicom_files()) == 1
+    assert inspect().staging_files() == []
 
 
 def test_ingest_of_a_missing_path_fails(runner: CliRunner, data: Path, tmp_path: Path) -> None:

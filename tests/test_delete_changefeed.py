@@ -6,12 +6,15 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import StowCall
 from tests.dicomweb_payloads import copy_with_uids
 from tests.lake_inspection import LakeInspection
 
-STUDY, SERIES_A, SERIES_B = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2", "1.2.826.0.1.3680043.10.1.3"
+STUDY, SERIES_A, SERIES_B = (
+    "1.2.826.0.1.3680043.10.1.1",
+    "1.2.826.0.1.3680043.10.1.2",
+    "1.2.826.0.1.3680043.10.1.3",
+)
 
 
 @pytest.fixture
@@ -19,23 +22,34 @@ def study_files(stow: StowCall, samples: dict[str, Path], tmp_path: Path) -> dic
     """One study, series A with instances a1..a3 (CT) and series B with b1 (MR), stored."""
     files = {
         f"a{i}": copy_with_uids(
-            samples["CT_small.dcm"], tmp_path / f"a{i}.dcm", study_uid=STUDY, series_uid=SERIES_A,
-            sop_uid=f"1.2.826.0.1.3680043.10.2.{i}", InstanceNumber=i,
-        )  # fmt: skip
+            samples["CT_small.dcm"],
+            tmp_path / f"a{i}.dcm",
+            study_uid=STUDY,
+            series_uid=SERIES_A,
+            sop_uid=f"1.2.826.0.1.3680043.10.2.{i}",
+            InstanceNumber=i,
+        )
         for i in (1, 2, 3)
     }
     files["b1"] = copy_with_uids(
-        samples["MR_small.dcm"], tmp_path / "b1.dcm", study_uid=STUDY, series_uid=SERIES_B,
+        samples["MR_small.dcm"],
+        tmp_path / "b1.dcm",
+        study_uid=STUDY,
+        series_uid=SERIES_B,
         sop_uid="1.2.826.0.1.3680043.10.3.1",
-    )  # fmt: skip
+    )
     response = stow(list(files.values()))
     assert response.status_code == 200, response.text
     return files
 
 
 def sop(name: str) -> str:
-    return {"a1": "1.2.826.0.1.3680043.10.2.1", "a2": "1.2.826.0.1.3680043.10.2.2",
-            "a3": "1.2.826.0.1.3680043.10.2.3", "b1": "1.2.826.0.1.3680043.10.3.1"}[name]  # fmt: skip
+    return {
+        "a1": "1.2.826.0.1.3680043.10.2.1",
+        "a2": "1.2.826.0.1.3680043.10.2.2",
+        "a3": "1.2.826.0.1.3680043.10.2.3",
+        "b1": "1.2.826.0.1.3680043.10.3.1",
+    }[name]
 
 
 def instance_count(client, url: str) -> int:
@@ -96,7 +110,12 @@ def test_delete_study(client, lake: LakeInspection) -> None:
     assert lake.dicom_files() == []
     assert not (lake.dicom_root / "default" / STUDY).exists()
     counts = lake.row_counts()
-    assert (counts["studies"], counts["series"], counts["instances"], counts["instance_metadata"]) == (0, 0, 0, 0)
+    assert (
+        counts["studies"],
+        counts["series"],
+        counts["instances"],
+        counts["instance_metadata"],
+    ) == (0, 0, 0, 0)
     assert client.get("/dicomweb/studies").status_code == 204
     assert client.get(f"/dicomweb/studies/{STUDY}").status_code == 404
     entries = feed(client)
@@ -105,13 +124,18 @@ def test_delete_study(client, lake: LakeInspection) -> None:
 
 
 @pytest.mark.usefixtures("study_files")
-def test_store_again_after_delete(client, stow: StowCall, study_files: dict[str, Path], lake: LakeInspection) -> None:
+def test_store_again_after_delete(
+    client, stow: StowCall, study_files: dict[str, Path], lake: LakeInspection
+) -> None:
     assert client.delete(f"/dicomweb/studies/{STUDY}").status_code == 204
 
     response = stow([study_files["a1"]])
 
     assert response.status_code == 200, response.text
-    assert lake.instance_path(STUDY, SERIES_A, sop("a1")).read_bytes() == study_files["a1"].read_bytes()
+    assert (
+        lake.instance_path(STUDY, SERIES_A, sop("a1")).read_bytes()
+        == study_files["a1"].read_bytes()
+    )
     assert feed(client)[-1]["Action"] == "create"
 
 
@@ -133,7 +157,12 @@ def test_delete_what_is_not_there_is_404(client) -> None:
 
 @pytest.mark.usefixtures("study_files")
 def test_change_feed_entries_and_states(client) -> None:
-    assert client.delete(f"/dicomweb/studies/{STUDY}/series/{SERIES_A}/instances/{sop('a3')}").status_code == 204
+    assert (
+        client.delete(
+            f"/dicomweb/studies/{STUDY}/series/{SERIES_A}/instances/{sop('a3')}"
+        ).status_code
+        == 204
+    )
 
     entries = feed(client)
 
@@ -171,7 +200,10 @@ def test_change_feed_time_window(client, stow: StowCall, samples: dict[str, Path
 
     assert feed(client, endTime=second["Timestamp"]) == [first]
     assert feed(client, startTime=second["Timestamp"]) == [second]
-    assert feed(client, startTime=first["Timestamp"], endTime="2999-01-01T00:00:00Z") == [first, second]
+    assert feed(client, startTime=first["Timestamp"], endTime="2999-01-01T00:00:00Z") == [
+        first,
+        second,
+    ]
     assert feed(client, startTime="2999-01-01T00:00:00") == []
 
 

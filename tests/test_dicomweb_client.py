@@ -10,14 +10,20 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-
 from tests.conftest import LiveServer
 
 # rtdose.dcm as shipped holds a UID with a leading-zero component; pydicom warns when comparing.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 
-CODECS = ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-          "JPEGLSNearLossless_16.dcm", "examples_ybr_color.dcm", "rtdose.dcm"]  # fmt: skip
+CODECS = [
+    "CT_small.dcm",
+    "MR_small_RLE.dcm",
+    "JPEG2000.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEGLSNearLossless_16.dcm",
+    "examples_ybr_color.dcm",
+    "rtdose.dcm",
+]
 
 
 @pytest.fixture
@@ -60,21 +66,26 @@ def test_search_at_every_level(dicomweb: DICOMwebClient, stored: dict[str, Datas
     studies = dicomweb.search_for_studies()
     by_name = dicomweb.search_for_studies(search_filters={"PatientName": str(ybr.PatientName)})
     fuzzy = dicomweb.search_for_studies(
-        search_filters={"PatientName": str(stored["CT_small.dcm"].PatientName).split("^")[0].lower()},
+        search_filters={
+            "PatientName": str(stored["CT_small.dcm"].PatientName).split("^")[0].lower()
+        },
         fuzzymatching=True,
     )
     paged = dicomweb.search_for_studies(limit=3, offset=3)
     series = dicomweb.search_for_series(study_instance_uid=ybr.StudyInstanceUID)
     instances = dicomweb.search_for_instances(
-        study_instance_uid=ybr.StudyInstanceUID, series_instance_uid=ybr.SeriesInstanceUID,
+        study_instance_uid=ybr.StudyInstanceUID,
+        series_instance_uid=ybr.SeriesInstanceUID,
         fields=["NumberOfFrames"],
-    )  # fmt: skip
+    )
 
     assert {Dataset.from_json(s).StudyInstanceUID for s in studies} == {
         d.StudyInstanceUID for d in stored.values()
     }
     assert [Dataset.from_json(s).StudyInstanceUID for s in by_name] == [ybr.StudyInstanceUID]
-    assert stored["CT_small.dcm"].StudyInstanceUID in {Dataset.from_json(s).StudyInstanceUID for s in fuzzy}
+    assert stored["CT_small.dcm"].StudyInstanceUID in {
+        Dataset.from_json(s).StudyInstanceUID for s in fuzzy
+    }
     assert len(paged) == 3
     assert [Dataset.from_json(s).Modality for s in series] == ["US"]
     [instance] = [Dataset.from_json(i) for i in instances]
@@ -82,8 +93,10 @@ def test_search_at_every_level(dicomweb: DICOMwebClient, stored: dict[str, Datas
     assert instance.NumberOfFrames == 30
 
 
-def test_retrieve_study_returns_what_was_stored(dicomweb: DICOMwebClient, stored: dict[str, Dataset]) -> None:
-    for name, expected in stored.items():
+def test_retrieve_study_returns_what_was_stored(
+    dicomweb: DICOMwebClient, stored: dict[str, Dataset]
+) -> None:
+    for expected in stored.values():
         [got] = dicomweb.retrieve_study(expected.StudyInstanceUID)
         assert_same_dataset(got, expected)
 
@@ -104,8 +117,16 @@ def test_retrieve_series_metadata(dicomweb: DICOMwebClient, stored: dict[str, Da
     [metadata] = dicomweb.retrieve_series_metadata(mr.StudyInstanceUID, mr.SeriesInstanceUID)
 
     header = Dataset.from_json(metadata, bulk_data_uri_handler=lambda *_: b"")
-    for keyword in ("SOPInstanceUID", "PatientName", "PatientID", "Rows", "Columns",
-                    "ImagePositionPatient", "WindowCenter", "Modality"):  # fmt: skip
+    for keyword in (
+        "SOPInstanceUID",
+        "PatientName",
+        "PatientID",
+        "Rows",
+        "Columns",
+        "ImagePositionPatient",
+        "WindowCenter",
+        "Modality",
+    ):
         assert header.get(keyword) == mr.get(keyword), keyword
     # dicomweb-client sends "Host: 127.0.0.1" without the port, so only the path is ours to check.
     uri = urlsplit(metadata["7FE00010"]["BulkDataURI"])
@@ -115,27 +136,35 @@ def test_retrieve_series_metadata(dicomweb: DICOMwebClient, stored: dict[str, Da
     )
 
 
-def test_retrieve_instance_frames_native(dicomweb: DICOMwebClient, stored: dict[str, Dataset]) -> None:
+def test_retrieve_instance_frames_native(
+    dicomweb: DICOMwebClient, stored: dict[str, Dataset]
+) -> None:
     rtdose = stored["rtdose.dcm"]
     size = rtdose.Rows * rtdose.Columns * rtdose.BitsAllocated // 8
 
     frames = dicomweb.retrieve_instance_frames(
-        rtdose.StudyInstanceUID, rtdose.SeriesInstanceUID, rtdose.SOPInstanceUID,
+        rtdose.StudyInstanceUID,
+        rtdose.SeriesInstanceUID,
+        rtdose.SOPInstanceUID,
         frame_numbers=[2, 15],
-    )  # fmt: skip
+    )
 
     assert frames == [rtdose.PixelData[size : 2 * size], rtdose.PixelData[14 * size : 15 * size]]
 
 
-def test_retrieve_instance_frames_encapsulated(dicomweb: DICOMwebClient, stored: dict[str, Dataset]) -> None:
+def test_retrieve_instance_frames_encapsulated(
+    dicomweb: DICOMwebClient, stored: dict[str, Dataset]
+) -> None:
     ybr = stored["examples_ybr_color.dcm"]
     expected = list(generate_frames(ybr.PixelData, number_of_frames=30))
 
     frames = dicomweb.retrieve_instance_frames(
-        ybr.StudyInstanceUID, ybr.SeriesInstanceUID, ybr.SOPInstanceUID,
+        ybr.StudyInstanceUID,
+        ybr.SeriesInstanceUID,
+        ybr.SOPInstanceUID,
         frame_numbers=[1, 17, 30],
         media_types=(("application/octet-stream", "*"),),
-    )  # fmt: skip
+    )
 
     assert frames == [expected[0], expected[16], expected[29]]
 

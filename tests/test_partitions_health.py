@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from starlette.testclient import TestClient
+from tests.conftest import StowCall
+from tests.dicomweb_payloads import copy_with_uids
+from tests.lake_inspection import LakeInspection
 
 from medlake.api import create_app
 from medlake.ingest.archive import Archive
-from tests.conftest import StowCall, TestClient
-from tests.dicomweb_payloads import copy_with_uids
-from tests.lake_inspection import LakeInspection
 
 
 def uids(path: Path) -> tuple[str, str, str]:
@@ -84,8 +85,14 @@ def test_same_instance_in_two_partitions(
 ) -> None:
     ct = samples["CT_small.dcm"]
     study, series, sop = uids(ct)
-    other = copy_with_uids(ct, tmp_path / "other.dcm", study_uid=study, series_uid=series, sop_uid=sop,
-                           PatientName="OTHER^BYTES")  # fmt: skip
+    other = copy_with_uids(
+        ct,
+        tmp_path / "other.dcm",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        PatientName="OTHER^BYTES",
+    )
 
     assert stow([ct], partition="alpha").status_code == 200
     assert stow([other], partition="beta").status_code == 200  # no conflict across partitions
@@ -94,8 +101,10 @@ def test_same_instance_in_two_partitions(
     assert lake.instance_path(study, series, sop, "beta").read_bytes() == other.read_bytes()
     assert client.delete(f"/dicomweb/partitions/alpha/studies/{study}").status_code == 204
     assert lake.instance_path(study, series, sop, "beta").exists()
-    beta = client.get(f"/dicomweb/partitions/beta/studies/{study}/series/{series}/instances/{sop}",
-                      headers={"Accept": "application/dicom"})  # fmt: skip
+    beta = client.get(
+        f"/dicomweb/partitions/beta/studies/{study}/series/{series}/instances/{sop}",
+        headers={"Accept": "application/dicom"},
+    )
     assert beta.content == other.read_bytes()
 
 
@@ -142,7 +151,9 @@ def test_create_partition_explicitly(client) -> None:
 
 
 @pytest.mark.parametrize("name", ["bad.name", "-dash-first", "x" * 65])
-def test_invalid_partition_names_are_400(client, stow: StowCall, samples: dict[str, Path], name: str) -> None:
+def test_invalid_partition_names_are_400(
+    client, stow: StowCall, samples: dict[str, Path], name: str
+) -> None:
     stored = stow([samples["CT_small.dcm"]], partition=name)
     read = client.get(f"/dicomweb/partitions/{name}/studies")
 
@@ -164,7 +175,9 @@ def test_healthz_reports_a_writable_lake(client) -> None:
     assert body["checkedAt"]
 
 
-def test_healthz_is_503_when_the_health_check_write_fails(archive: Archive, lake: LakeInspection) -> None:
+def test_healthz_is_503_when_the_health_check_write_fails(
+    archive: Archive, lake: LakeInspection
+) -> None:
     folder = lake.dicom_root / "healthCheck"
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.write_text("a regular file where the healthCheck folder should be")
@@ -179,7 +192,9 @@ def test_healthz_is_503_when_the_health_check_write_fails(archive: Archive, lake
     assert "cannot write" in body["lake"]
 
 
-def test_healthz_recovers_when_the_lake_is_writable_again(archive: Archive, lake: LakeInspection) -> None:
+def test_healthz_recovers_when_the_lake_is_writable_again(
+    archive: Archive, lake: LakeInspection
+) -> None:
     folder = lake.dicom_root / "healthCheck"
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.write_text("blocked")

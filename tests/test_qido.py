@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from medlake.cli.demo_data import demo_uid
 from tests.conftest import StowCall
 from tests.dicomweb_payloads import copy_with_uids
+
+from medlake.cli.demo_data import demo_uid
 
 pytestmark = pytest.mark.usefixtures("demo_loaded")
 
@@ -93,8 +93,12 @@ def test_wildcard_characters_of_sql_are_literal(client) -> None:
     assert study_set(client, StudyDescription="CT%") == set()
 
 
-def test_percent_encoded_values_are_decoded(client, stow: StowCall, samples, tmp_path: Path) -> None:
-    smith = copy_with_uids(samples["MR_small.dcm"], tmp_path / "smith.dcm", PatientName="SMITH^JOHN")
+def test_percent_encoded_values_are_decoded(
+    client, stow: StowCall, samples, tmp_path: Path
+) -> None:
+    smith = copy_with_uids(
+        samples["MR_small.dcm"], tmp_path / "smith.dcm", PatientName="SMITH^JOHN"
+    )
     assert stow([smith]).status_code == 200
 
     for raw in ("PatientName=SMI%2A", "PatientName=SMITH%5EJOHN", "PatientName=SMI%3F%3F%3FJOHN"):
@@ -177,9 +181,11 @@ def test_instance_level(client) -> None:
     in_study, total = search(client, f"/dicomweb/studies/{STUDY[3]}/instances")
     assert total == 4
     assert set(values(in_study, "00083002")) == {  # AvailableTransferSyntaxUID
-        "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.81",
-    }  # fmt: skip
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.81",
+    }
 
     wanted = demo_uid("instance", 0, 0, 7)
     one, total = search(client, "/dicomweb/instances", {"SOPInstanceUID": wanted})
@@ -189,7 +195,9 @@ def test_instance_level(client) -> None:
     )
     assert values(one, "00200013") == [8]  # InstanceNumber
     numbered, _ = search(
-        client, f"/dicomweb/studies/{STUDY[0]}/series/{CT_SERIES}/instances", {"InstanceNumber": "3"}
+        client,
+        f"/dicomweb/studies/{STUDY[0]}/series/{CT_SERIES}/instances",
+        {"InstanceNumber": "3"},
     )
     assert values(numbered, SOP_UID) == [demo_uid("instance", 0, 0, 2)]
 
@@ -199,14 +207,20 @@ def test_includefield(client) -> None:
     assert "00101010" not in plain[0]  # PatientAge only when asked for
 
     for field in ("PatientAge", "00101010"):
-        asked, _ = search(client, "/dicomweb/studies", {"StudyInstanceUID": STUDY[0], "includefield": field})
+        asked, _ = search(
+            client, "/dicomweb/studies", {"StudyInstanceUID": STUDY[0], "includefield": field}
+        )
         assert asked[0]["00101010"]["Value"] == ["000Y"], field
 
-    everything, _ = search(client, "/dicomweb/studies", {"StudyInstanceUID": STUDY[0], "includefield": "all"})
+    everything, _ = search(
+        client, "/dicomweb/studies", {"StudyInstanceUID": STUDY[0], "includefield": "all"}
+    )
     assert everything[0]["00101010"]["Value"] == ["000Y"]
 
     series, _ = search(
-        client, f"/dicomweb/studies/{STUDY[0]}/series", [("includefield", "Manufacturer,PatientAge")]
+        client,
+        f"/dicomweb/studies/{STUDY[0]}/series",
+        [("includefield", "Manufacturer,PatientAge")],
     )
     assert series[0]["00080070"]["Value"] == ["GE MEDICAL SYSTEMS"]
     assert series[0]["00101010"]["Value"] == ["000Y"]
@@ -269,7 +283,9 @@ def test_unknown_attribute_is_400_naming_it(client, params: dict[str, str], name
 
 
 def test_attribute_of_a_lower_level_is_rejected_at_study_level(client) -> None:
-    response = client.get("/dicomweb/studies", params={"SOPInstanceUID": demo_uid("instance", 0, 0, 0)})
+    response = client.get(
+        "/dicomweb/studies", params={"SOPInstanceUID": demo_uid("instance", 0, 0, 0)}
+    )
 
     assert response.status_code == 400
     assert "SOPInstanceUID" in response.json()["message"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pydicom
-
-from tests.conftest import StowCall
-from tests.dicomweb_payloads import copy_with_uids, new_boundary
+from tests.conftest import LiveServer, StowCall
+from tests.dicomweb_payloads import copy_with_uids, multipart_body, new_boundary, stow_headers
 from tests.lake_inspection import LakeInspection
 
 FAILED_SOP_SEQUENCE = "00081198"
@@ -24,7 +26,10 @@ def _uids(path: Path) -> tuple[str, str, str]:
 
 
 def _referenced(body: dict) -> list[str]:
-    return [i[SOP_INSTANCE_UID]["Value"][0] for i in body.get(REFERENCED_SOP_SEQUENCE, {}).get("Value", [])]
+    return [
+        i[SOP_INSTANCE_UID]["Value"][0]
+        for i in body.get(REFERENCED_SOP_SEQUENCE, {}).get("Value", [])
+    ]
 
 
 def _failed(body: dict) -> dict[str, int]:
@@ -100,7 +105,9 @@ def test_store_into_the_study_of_the_url(
     assert lake.instance_path(study, series, sop).read_bytes() == mr.read_bytes()
 
 
-def test_single_part_application_dicom_body(client, samples: dict[str, Path], lake: LakeInspection) -> None:
+def test_single_part_application_dicom_body(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
     ct = samples["CT_small.dcm"]
 
     response = client.post(
@@ -126,7 +133,9 @@ def test_chunked_upload_is_stored(client, samples: dict[str, Path], lake: LakeIn
     response = client.post(
         "/dicomweb/studies",
         content=chunks(),
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary="{boundary}"'},
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+        },
     )
 
     assert response.status_code == 200, response.text
@@ -157,9 +166,13 @@ def test_same_instance_with_other_bytes_is_a_conflict(
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
     changed = copy_with_uids(
-        ct, tmp_path / "changed.dcm", study_uid=study, series_uid=series, sop_uid=sop,
+        ct,
+        tmp_path / "changed.dcm",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
         PatientName="CHANGED^NAME",
-    )  # fmt: skip
+    )
     assert stow([ct]).status_code == 200
 
     response = stow([changed])
@@ -179,9 +192,13 @@ def test_same_instance_with_other_bytes_twice_in_one_request(
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
     changed = copy_with_uids(
-        ct, tmp_path / "changed.dcm", study_uid=study, series_uid=series, sop_uid=sop,
+        ct,
+        tmp_path / "changed.dcm",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
         PatientName="CHANGED^NAME",
-    )  # fmt: skip
+    )
 
     response = stow([ct, changed])
 
@@ -198,9 +215,13 @@ def test_put_replaces_an_instance(
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
     changed = copy_with_uids(
-        ct, tmp_path / "changed.dcm", study_uid=study, series_uid=series, sop_uid=sop,
+        ct,
+        tmp_path / "changed.dcm",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
         PatientName="CHANGED^NAME",
-    )  # fmt: skip
+    )
     assert stow([ct]).status_code == 200
 
     response = stow([changed], method="PUT")
@@ -212,7 +233,10 @@ def test_put_replaces_an_instance(
     counts = lake.row_counts()
     assert (counts["studies"], counts["series"], counts["instances"]) == (1, 1, 1)
     feed = client.get("/changefeed").json()
-    assert [(e["Action"], e["State"]) for e in feed] == [("create", "replaced"), ("update", "current")]
+    assert [(e["Action"], e["State"]) for e in feed] == [
+        ("create", "replaced"),
+        ("update", "current"),
+    ]
     found = client.get("/dicomweb/studies", params={"PatientName": "CHANGED^NAME"})
     assert found.status_code == 200
     # The QIDO study attributes follow the new instance.
@@ -262,3 +286,36 @@ def test_partial_success_lists_each_instance(
     assert "DICOM" in response.headers["warning"]
     assert lake.dicom_files() == [lake.instance_path(*_uids(ct))]
     assert lake.staging_files() == []
+
+
+def test_concurrent_stores_of_the_same_instance_are_idempotent(
+    live_server: LiveServer, samples: dict[str, Path], lake: LakeInspection
+) -> None:
+    """Clients retrying an upload in parallel: every request succeeds and the file stays."""
+    ct = samples["CT_small.dcm"]
+    boundary = new_boundary()
+    body = multipart_body([ct], boundary)
+    start = threading.Barrier(6)
+
+    def store() -> int:
+        start.wait()
+        response = httpx.post(
+            f"{live_server.dicomweb}/studies",
+            content=body,
+            headers=stow_headers(boundary),
+            timeout=60,
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(lambda _: store(), range(6)))
+
+    assert statuses == [200] * 6
+    assert lake.instance_path(*_uids(ct)).read_bytes() == ct.read_bytes()
+    counts = lake.row_counts()
+    assert (counts["instances"], counts["change_feed"]) == (1, 1)
+    retrieved = httpx.get(
+        f"{live_server.dicomweb}/studies/{_uids(ct)[0]}/series/{_uids(ct)[1]}/instances/{_uids(ct)[2]}",
+        headers={"Accept": "application/dicom"},
+    )
+    assert retrieved.content == ct.read_bytes()

@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.encaps import generate_frames
-
-from medlake.cli.demo_data import demo_uid
 from tests.conftest import StowCall
 from tests.dicomweb_payloads import copy_with_uids, read_multipart
+
+from medlake.cli.demo_data import demo_uid
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 OCTET_PARTS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -80,7 +80,9 @@ def test_retrieve_series_and_study(client, demo_files: list[Path]) -> None:
     mr_files = {p.read_bytes() for p in demo_files if uids(p)[1] == mr_series}
     assert len(mr_files) == 8
 
-    series = client.get(f"/dicomweb/studies/{mr_study}/series/{mr_series}", headers={"Accept": DICOM_PARTS})
+    series = client.get(
+        f"/dicomweb/studies/{mr_study}/series/{mr_series}", headers={"Accept": DICOM_PARTS}
+    )
     assert sorted(dicom_parts(series)) == sorted(mr_files)
 
     mixed = demo_uid("study", 3)
@@ -133,7 +135,9 @@ def test_metadata_at_each_level(client) -> None:
     study = client.get(f"/dicomweb/studies/{ct_study}/metadata")
     series = client.get(f"/dicomweb/studies/{ct_study}/series/{ct_series}/metadata")
     sop = demo_uid("instance", 0, 0, 5)
-    instance = client.get(f"/dicomweb/studies/{ct_study}/series/{ct_series}/instances/{sop}/metadata")
+    instance = client.get(
+        f"/dicomweb/studies/{ct_study}/series/{ct_series}/instances/{sop}/metadata"
+    )
     mixed = client.get(f"/dicomweb/studies/{demo_uid('study', 3)}/metadata")
 
     for response in (study, series, instance, mixed):
@@ -150,9 +154,11 @@ def test_metadata_at_each_level(client) -> None:
     assert item["00200013"]["Value"] == [6]
     assert "InlineBinary" not in item.get("7FE00010", {})
     assert {i["00020010"]["Value"][0] for i in mixed.json()} == {
-        "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.81",
-    }  # fmt: skip
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.81",
+    }
 
 
 def test_metadata_matches_the_stored_header(client, stored: dict[str, Path]) -> None:
@@ -163,14 +169,24 @@ def test_metadata_matches_the_stored_header(client, stored: dict[str, Path]) -> 
 
     header = pydicom.dcmread(mr, stop_before_pixels=True)
     from_json = pydicom.Dataset.from_json({k: v for k, v in item.items() if "BulkDataURI" not in v})
-    for keyword in ("PatientName", "PatientID", "StudyDate", "Rows", "Columns", "WindowCenter",
-                    "ImagePositionPatient", "PixelSpacing", "SOPInstanceUID", "Manufacturer"):  # fmt: skip
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "Rows",
+        "Columns",
+        "WindowCenter",
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "SOPInstanceUID",
+        "Manufacturer",
+    ):
         assert from_json.get(keyword) == header.get(keyword), keyword
 
 
 def test_pixel_data_bulkdata_uri_returns_the_pixels(client, stored: dict[str, Path]) -> None:
     ct = stored["CT_small.dcm"]
-    study, series, sop = uids(ct)
+    _, series, sop = uids(ct)
 
     [item] = client.get(f"{instance_url(ct)}/metadata").json()
     uri = item["7FE00010"]["BulkDataURI"]
@@ -245,7 +261,9 @@ def test_single_compressed_frame(client, stored: dict[str, Path], name: str) -> 
 def test_single_frame_as_octet_stream(client, stored: dict[str, Path]) -> None:
     ct = stored["CT_small.dcm"]
 
-    response = client.get(f"{instance_url(ct)}/frames/1", headers={"Accept": "application/octet-stream"})
+    response = client.get(
+        f"{instance_url(ct)}/frames/1", headers={"Accept": "application/octet-stream"}
+    )
 
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
@@ -256,7 +274,9 @@ def test_single_frame_as_octet_stream(client, stored: dict[str, Path]) -> None:
     ("frames", "status", "named"),
     [("16", 404, "16"), ("0", 400, "0"), ("1,x", 400, "1,x"), ("3,99", 404, "99")],
 )
-def test_bad_frame_numbers(client, stored: dict[str, Path], frames: str, status: int, named: str) -> None:
+def test_bad_frame_numbers(
+    client, stored: dict[str, Path], frames: str, status: int, named: str
+) -> None:
     response = client.get(f"{instance_url(stored['rtdose.dcm'])}/frames/{frames}")
 
     assert response.status_code == status
@@ -292,7 +312,8 @@ def test_every_transfer_syntax_renders(client, stored: dict[str, Path], name: st
 
     jpeg = image_of(client.get(f"{instance_url(stored[name])}/rendered"))
     png = image_of(
-        client.get(f"{instance_url(stored[name])}/rendered", headers={"Accept": "image/png"}), "image/png"
+        client.get(f"{instance_url(stored[name])}/rendered", headers={"Accept": "image/png"}),
+        "image/png",
     )
 
     assert jpeg.format == "JPEG" and png.format == "PNG"
@@ -303,8 +324,12 @@ def test_every_transfer_syntax_renders(client, stored: dict[str, Path], name: st
 def test_render_frame_of_multiframe(client, stored: dict[str, Path]) -> None:
     url = instance_url(stored["examples_ybr_color.dcm"])
 
-    first = image_of(client.get(f"{url}/frames/1/rendered", headers={"Accept": "image/png"}), "image/png")
-    last = image_of(client.get(f"{url}/frames/30/rendered", headers={"Accept": "image/png"}), "image/png")
+    first = image_of(
+        client.get(f"{url}/frames/1/rendered", headers={"Accept": "image/png"}), "image/png"
+    )
+    last = image_of(
+        client.get(f"{url}/frames/30/rendered", headers={"Accept": "image/png"}), "image/png"
+    )
     beyond = client.get(f"{url}/frames/31/rendered")
 
     assert first.size == last.size == (320, 240)
@@ -318,8 +343,12 @@ def test_window_changes_the_rendering(client, stored: dict[str, Path]) -> None:
     url = f"{instance_url(stored['CT_small.dcm'])}/rendered"
     png = {"Accept": "image/png"}
 
-    narrow = np.asarray(image_of(client.get(url, params={"window": "40,80"}, headers=png), "image/png"))
-    wide = np.asarray(image_of(client.get(url, params={"window": "1000,4000"}, headers=png), "image/png"))
+    narrow = np.asarray(
+        image_of(client.get(url, params={"window": "40,80"}, headers=png), "image/png")
+    )
+    wide = np.asarray(
+        image_of(client.get(url, params={"window": "1000,4000"}, headers=png), "image/png")
+    )
 
     assert narrow.shape == wide.shape == (128, 128)
     assert not np.array_equal(narrow, wide)
@@ -335,7 +364,8 @@ def test_viewport_and_thumbnail_sizes(client, stored: dict[str, Path]) -> None:
     thumbnail = image_of(client.get(f"{instance_url(ybr)}/thumbnail"))
     series_thumb = image_of(client.get(f"/dicomweb/studies/{study}/series/{series}/thumbnail"))
     study_thumb = image_of(
-        client.get(f"/dicomweb/studies/{study}/thumbnail", headers={"Accept": "image/png"}), "image/png"
+        client.get(f"/dicomweb/studies/{study}/thumbnail", headers={"Accept": "image/png"}),
+        "image/png",
     )
 
     assert viewport.size == (160, 120)  # aspect ratio kept inside the viewport
@@ -356,7 +386,9 @@ def test_bad_render_parameters(
     client, stored: dict[str, Path], params: dict[str, str], accept: str, status: int, named: str
 ) -> None:
     response = client.get(
-        f"{instance_url(stored['CT_small.dcm'])}/rendered", params=params, headers={"Accept": accept}
+        f"{instance_url(stored['CT_small.dcm'])}/rendered",
+        params=params,
+        headers={"Accept": accept},
     )
 
     assert response.status_code == status

@@ -71,8 +71,9 @@ def test_app_config_is_generated_for_this_origin(client: TestClient) -> None:
     body = response.text
     assert "shipped" not in body
     assert '"routerBasename": "/ohif"' in body
-    for root in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
+    for root in ("qidoRoot", "wadoRoot"):
         assert f'"{root}": "http://viewer.example:8042/dicomweb"' in body
+    assert '"wadoUriRoot": "http://viewer.example:8042/dicomweb/wado"' in body
     assert '"staticWado": false' in body and '"qidoSupportsIncludeField": true' in body
     assert "3.99.0" in body
 

@@ -11,13 +11,19 @@ from starlette.requests import ClientDisconnect
 from medlake.errors import MedlakeError
 
 
+def warning_header(message: str) -> str:
+    """An RFC 7234 Warning header value: one line, latin-1 safe, double quotes escaped."""
+    text = " ".join(message.split())[:200].replace('"', "'")
+    return f'299 medlake "{text.encode("latin-1", "replace").decode("latin-1")}"'
+
+
 def _error(status: int, message: str) -> Response:
     body = orjson.dumps({"status": status, "message": message})
     return Response(
         body,
         status,
         media_type="application/json",
-        headers={"Warning": f'299 medlake "{message[:200].replace(chr(34), chr(39))}"'},
+        headers={"Warning": warning_header(message)},
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from medlake.api.errors import warning_header
 from medlake.errors import Conflict, StudyMismatch
 from medlake.ingest.store import StoreResult
 
@@ -18,6 +19,7 @@ def stow_response(results: Sequence[StoreResult], base_url: str) -> tuple[int, d
 
     200: every instance stored. 202: some failed (FailedSOPSequence says which and why).
     409: none stored because of conflicts (same UID with other bytes, study mismatch).
+    503: none stored because the lake or the index failed (the data may be fine).
     400: none stored because the data was unusable.
     """
     referenced = []
@@ -54,12 +56,15 @@ def stow_response(results: Sequence[StoreResult], base_url: str) -> tuple[int, d
     first_error = next((r.error for r in results if r.error is not None), None)
     warning = None
     if first_error is not None:
-        text = first_error.message.replace('"', "'")
         more = f" (and {len(failed) - 1} more failures)" if len(failed) > 1 else ""
-        warning = f'299 medlake "{text}{more}"'
+        warning = warning_header(first_error.message + more)
     if not failed:
         return 200, body, None
     if referenced:
         return 202, body, warning
-    conflict = any(isinstance(r.error, Conflict | StudyMismatch) for r in results)
-    return (409 if conflict else 400), body, warning
+    if any(isinstance(r.error, Conflict | StudyMismatch) for r in results):
+        return 409, body, warning
+    if all(r.error is not None and r.error.http_status >= 500 for r in results):
+        # Nothing was wrong with the data: the lake or the index failed. Retry later.
+        return 503, body, warning
+    return 400, body, warning

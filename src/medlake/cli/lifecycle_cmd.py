@@ -112,7 +112,8 @@ def run(
                 progress=lambda n: progress.update(task, advance=n),
             )
     verb = "would move" if dry_run else "moved"
-    table = Table("", "instances", title=f"lifecycle as of {report.now:%Y-%m-%d %H:%M} UTC")
+    console.print(f"lifecycle as of {report.now:%Y-%m-%d %H:%M} UTC")
+    table = Table("", "instances")
     table.add_row("examined", str(report.examined))
     table.add_row(f"{verb} to cool", str(report.to_cool))
     table.add_row(f"{verb} to cold", str(report.to_cold))
@@ -136,11 +137,11 @@ def status(
     with _archive(data, cool_after_days, cold_after_days) as archive:
         current = lifecycle_status(archive, when)
     policy = current.policy
-    table = Table(
-        "tier", "instances", "size", "due now",
-        title=f"cool after {policy.cool_after.days} days unread, cold after "
-        f"{policy.cold_after.days} days",
-    )  # fmt: skip
+    console.print(
+        f"policy: cool after {policy.cool_after.days} days unread, "
+        f"cold after {policy.cold_after.days} days"
+    )
+    table = Table("tier", "instances", "size", "due now")
     for tier in Tier:
         usage = current.usage[tier]
         due = current.due.get(tier)

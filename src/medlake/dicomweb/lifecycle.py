@@ -99,7 +99,8 @@ class LifecycleReport:
         """Blobs moved (or, in a dry run, that would move)."""
         return self.to_cool + self.to_cold
 
-    def _fail(self, message: str) -> None:
+    def record_failure(self, message: str) -> None:
+        """Count a blob that could not move; keep the first messages."""
         self.failed += 1
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(message)
@@ -183,11 +184,11 @@ def _move(archive: Archive, due: Sequence[_Candidate], report: LifecycleReport) 
     """Move the blobs, then record the tiers of those that moved; returns them."""
     outcomes = list(_MOVERS.map(lambda c: _set_tier(archive.blobs, c.blob_key, c.target), due))
     moved = []
-    for candidate, error in zip(due, outcomes, strict=True):
+    for c, error in zip(due, outcomes, strict=True):
         if error is None:
-            moved.append(candidate)
+            moved.append(c)
         else:
-            report._fail(f"{candidate.blob_key}: cannot move to {candidate.target}: {error}")
+            report.record_failure(f"{c.blob_key}: cannot move to {c.target}: {error}")
     if not moved:
         return []
     with archive.engine.begin() as conn:
@@ -219,7 +220,7 @@ def _move(archive: Archive, due: Sequence[_Candidate], report: LifecycleReport) 
             # Read (or changed) while it moved: put the blob back where the index says.
             error = _set_tier(archive.blobs, c.blob_key, Tier(current[c.id]))
             if error is not None:
-                report._fail(f"{c.blob_key}: cannot move back to {current[c.id]}: {error}")
+                report.record_failure(f"{c.blob_key}: cannot move back to {current[c.id]}: {error}")
     return recorded
 
 

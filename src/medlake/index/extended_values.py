@@ -111,8 +111,9 @@ def extract_values(ds: Dataset, tags: Sequence[IndexedTag]) -> list[TagValue]:
         try:
             element = _find(ds, tag)
             value = None if element is None else _single_value(ds, element, tag)
-            if value is not None:
-                out.append(_typed(tag, value))
+            typed = None if value is None else _typed(tag, value)
+            if typed is not None:
+                out.append(typed)
         # Whatever the bytes are (pydicom decodes them lazily, here), a bad value must
         # become an error row, never fail the store of the instance.
         except Exception as exc:
@@ -159,20 +160,21 @@ def _single_value(ds: Dataset, element: DataElement, tag: IndexedTag) -> Any:
     return value
 
 
-def _typed(tag: IndexedTag, value: Any) -> TagValue:
+def _typed(tag: IndexedTag, value: Any) -> TagValue | None:
+    """The value converted for its index column; None when it is only padding."""
     if tag.vr in NUMERIC_VRS:
         try:
             number = int(str(value).strip()) if tag.vr == "IS" else float(value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"value {str(value)!r} is not a valid {tag.vr} number") from exc
-        if tag.vr in _INTEGER_VRS and float(number) != int(number):
-            raise ValueError(f"value {value!r} is not an integer")
         if not math.isfinite(number):
             raise ValueError(f"value {value!r} is not a finite number")
+        if tag.vr in _INTEGER_VRS and float(number) != int(number):
+            raise ValueError(f"value {value!r} is not an integer")
         return TagValue(tag.id, number=float(number))
     text = str(value).strip(" \x00")
     if not text:
-        raise ValueError("value is empty after trimming padding")
+        return None
     _check_text(tag.vr, text)
     if tag.vr == "PN":
         text = text.upper()  # QIDO matches person names case-insensitively

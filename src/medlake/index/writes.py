@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from medlake.index.extended_values import InstanceRef, index_new_instances
@@ -90,6 +90,23 @@ def _insert_ignoring_conflicts(conn: Connection, table: Any, rows: list[dict[str
     conn.execute(dialect.insert(table).on_conflict_do_nothing(), rows)
 
 
+def lock_instances(conn: Connection, partition_name: str, sop_uids: Sequence[str]) -> None:
+    """Serialise writers of the same instances until the caller's transaction ends.
+
+    PostgreSQL: transaction-level advisory locks on each (partition, SOP Instance
+    UID), taken in sorted order so two writers cannot deadlock. SQLite: a no-op
+    write takes the database write lock now rather than at the first INSERT.
+    """
+    if conn.dialect.name == "postgresql":
+        for uid in sorted(set(sop_uids)):
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                {"key": f"{partition_name}/{uid}"},
+            )
+    elif conn.dialect.name == "sqlite":
+        conn.execute(text("UPDATE partitions SET name = name WHERE 1 = 0"))
+
+
 def partition_id(conn: Connection, name: str, *, create: bool) -> int | None:
     """The id of partition ``name``; created on first use when ``create``."""
     found: int | None = conn.execute(
@@ -142,7 +159,8 @@ def write_instances(
     study_ids = _ensure_studies(conn, part, rows, now)
     series_ids = _ensure_series(conn, part, rows, study_ids, now)
     if replaced:
-        _take_attributes_of(conn, [r for r in rows if r.sop_uid in replaced], study_ids, series_ids, now)
+        replacing = [r for r in rows if r.sop_uid in replaced]
+        _take_attributes_of(conn, replacing, study_ids, series_ids, now)
     instance_rows = [
         {
             "partition_id": part,

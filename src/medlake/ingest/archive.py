@@ -3,7 +3,8 @@ opened once per process and handed to every service."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -23,6 +24,8 @@ class Archive:
     engine: Engine
     blobs: BlobStore
     layout: LakeLayout
+    #: Held while a batch is checked against the index, moved into the lake and indexed.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, settings: Settings) -> Archive:

@@ -8,6 +8,7 @@ conflict unless the caller asked to replace it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from medlake.errors import (
     StorageError,
     StudyMismatch,
 )
-from medlake.index.writes import InstanceRow, find_existing, partition_id, write_instances
+from medlake.index.writes import (
+    ExistingInstance,
+    InstanceRow,
+    find_existing,
+    lock_instances,
+    partition_id,
+    write_instances,
+)
 from medlake.ingest.archive import Archive
 from medlake.types import check_partition
 
@@ -83,14 +91,20 @@ def store_instances(
         for i, received in enumerate(files):
             try:
                 item = read_instance(received.path, received.head)
-                if expected_study is not None and item.study_uid != expected_study:
-                    raise StudyMismatch(
-                        f"StudyInstanceUID {item.study_uid} of the instance does not match "
-                        f"{expected_study} in the request URL"
-                    )
-                parsed[i] = item
             except MedlakeError as exc:
                 results[i] = StoreResult(Outcome.FAILED, error=exc)
+                continue
+            if expected_study is not None and item.study_uid != expected_study:
+                results[i] = _result(
+                    item,
+                    Outcome.FAILED,
+                    StudyMismatch(
+                        f"StudyInstanceUID {item.study_uid} of the instance does not match "
+                        f"{expected_study} in the request URL"
+                    ),
+                )
+                continue
+            parsed[i] = item
         _store_parsed(archive, files, parsed, results, partition, replace)
     finally:
         for received in files:
@@ -117,22 +131,70 @@ def _store_parsed(
     partition: str,
     replace: bool,
 ) -> None:
+    """Decide, move and index under the archive's write lock, in one transaction.
+
+    The lock (in-process) plus the database's own write lock (SQLite) or advisory
+    locks on the SOP Instance UIDs (PostgreSQL) make "is it stored already?" and
+    "store it" one step: two requests carrying the same new instance cannot both
+    move a file onto the same key.
+    """
     if not parsed:
         return
+    moved: list[tuple[int, InstanceRow]] = []
+    replaced: dict[str, int] = {}
     try:
-        with archive.engine.connect() as conn:
+        with archive.write_lock, archive.engine.begin() as conn:
+            lock_instances(conn, partition, [p.sop_uid for p in parsed.values()])
             part = partition_id(conn, partition, create=False)
             existing = (
                 find_existing(conn, part, (p.sop_uid for p in parsed.values()))
                 if part is not None
                 else {}
             )
+            to_write = _plan(archive, files, parsed, results, partition, replace, existing, replaced)
+            pending = list(to_write.values())
+            errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
+            for (i, row), error in zip(pending, errors, strict=True):
+                if error is None:
+                    moved.append((i, row))
+                else:
+                    failure = error if isinstance(error, MedlakeError) else StorageError(str(error))
+                    results[i] = _result(parsed[i], Outcome.FAILED, failure)
+            moved_uids = {row.sop_uid for _, row in moved}
+            write_instances(
+                conn,
+                partition,
+                [row for _, row in moved],
+                {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
+            )
     except SQLAlchemyError as exc:
-        _fail_all(parsed, results, DatabaseUnavailable(f"index unavailable: {exc}"))
+        # The transaction rolled back: files moved for new instances go again (no orphans).
+        cause = getattr(exc, "orig", None) or exc
+        error = DatabaseUnavailable(f"index write failed: {exc.__class__.__name__}: {cause}")
+        for i, row in moved:
+            if row.sop_uid not in replaced:
+                _discard(archive, row.blob_key)
+        for i in parsed:
+            current = results[i]
+            if current is None or current.ok:
+                results[i] = _result(parsed[i], Outcome.FAILED, error)
         return
+    for i, row in moved:
+        results[i] = _result(parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED)
 
+
+def _plan(
+    archive: Archive,
+    files: Sequence[ReceivedFile],
+    parsed: dict[int, ParsedInstance],
+    results: list[StoreResult | None],
+    partition: str,
+    replace: bool,
+    existing: dict[str, ExistingInstance],
+    replaced: dict[str, int],
+) -> dict[str, tuple[int, InstanceRow]]:
+    """What to write: duplicates and conflicts get their result here; the rest are rows."""
     to_write: dict[str, tuple[int, InstanceRow]] = {}
-    replaced: dict[str, int] = {}
     for i, item in parsed.items():
         received = files[i]
         old = existing.get(item.sop_uid)
@@ -163,7 +225,6 @@ def _store_parsed(
             continue
         if old is not None:
             replaced[item.sop_uid] = old.id
-        key = archive.layout.instance_key(partition, item.study_uid, item.series_uid, item.sop_uid)
         frame_index = item.frame_index
         to_write[item.sop_uid] = (
             i,
@@ -172,7 +233,9 @@ def _store_parsed(
                 series_uid=item.series_uid,
                 sop_uid=item.sop_uid,
                 values=item.values,
-                blob_key=key,
+                blob_key=archive.layout.instance_key(
+                    partition, item.study_uid, item.series_uid, item.sop_uid
+                ),
                 size=received.size,
                 sha256=received.sha256,
                 encapsulated=bool(frame_index and frame_index.encapsulated),
@@ -182,47 +245,9 @@ def _store_parsed(
                 dataset=item.dataset,
             ),
         )
-    if not to_write:
-        return
-    pending = list(to_write.values())
-    errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
-    moved: list[tuple[int, InstanceRow]] = []
-    for (i, row), error in zip(pending, errors, strict=True):
-        if error is None:
-            moved.append((i, row))
-        else:
-            failure = error if isinstance(error, MedlakeError) else StorageError(str(error))
-            results[i] = _result(parsed[i], Outcome.FAILED, failure)
-    try:
-        with archive.engine.begin() as conn:
-            moved_uids = {row.sop_uid for _, row in moved}
-            write_instances(
-                conn,
-                partition,
-                [row for _, row in moved],
-                {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
-            )
-    except SQLAlchemyError as exc:
-        # No orphan blobs: what was just moved into the lake goes again.
-        error = DatabaseUnavailable(f"index write failed: {exc.__class__.__name__}: {exc}")
-        for i, row in moved:
-            if row.sop_uid not in replaced:
-                _discard(archive, row.blob_key)
-            results[i] = _result(parsed[i], Outcome.FAILED, error)
-        return
-    for i, row in moved:
-        results[i] = _result(parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED)
-
-
-def _fail_all(
-    parsed: dict[int, ParsedInstance], results: list[StoreResult | None], error: MedlakeError
-) -> None:
-    for i, item in parsed.items():
-        results[i] = _result(item, Outcome.FAILED, error)
+    return to_write
 
 
 def _discard(archive: Archive, key: str) -> None:
-    try:
+    with contextlib.suppress(StorageError):
         archive.blobs.delete(key)
-    except StorageError:
-        pass
