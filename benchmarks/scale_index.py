@@ -19,10 +19,19 @@ What it does, per backend (SQLite in a temp folder, PostgreSQL in a fresh databa
    DICOM JSON) plus ``orjson.dumps`` of the result (what the route sends): median and
    p90 of ``--runs`` after one warm-up; the SQL alone (``index.qido.search``) is timed
    the same way and given in the details;
-4. prints the plan (SQLite ``EXPLAIN QUERY PLAN`` / PostgreSQL ``EXPLAIN``) of the
-   count and the page statement of each query, and whether a table is fully scanned;
-5. with ``--try-indexes``: creates candidate indexes in the benchmark database only
-   (never in the schema) and times the queries again (``qido_idx.*`` figures).
+4. prints the plan (SQLite ``EXPLAIN QUERY PLAN`` / PostgreSQL ``EXPLAIN (COSTS OFF)``,
+   literal values) of the count and the page statement of each query, and flags reads
+   of a whole table or partition (``plan=SCANS [...]``); also times
+   ``dicomweb.locate.find_instances`` (first step of every WADO request) as ``locate.*``;
+5. with ``--try-indexes``: applies the prototypes of ``PROTOTYPES`` one after the other
+   (statistics, indexes, a connection pragma, a monkeypatched query variant; in the
+   benchmark database / process only, never in the repository) and times everything
+   again under ``<prototype>.*`` figures, with a before -> after line.
+
+PostgreSQL servers with ``autovacuum = off`` (like the one this was written on) never
+gather planner statistics; ``--pg-analyze auto`` (default) runs ANALYZE between batches
+as autovacuum would (not counted in the rate), ``--pg-analyze none`` does not (figures
+then named ``scale.postgresql_noanalyze.*``).
 
 Output lines follow the shared bench format ``<figure> <value> <unit>  # details``;
 comment lines (``#``) carry the header, the plans and the profile.
@@ -63,14 +72,16 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from sqlalchemy import event, func, select, text
+from sqlalchemy import Select, event, func, select, text
 from sqlalchemy.engine import make_url
 
 from medlake.config import Settings
 from medlake.dicom.attributes import Level
+from medlake.dicomweb.locate import find_instances
 from medlake.dicomweb.search import parse_query, run_search
-from medlake.index.qido import MAX_LIMIT, build_select, search
-from medlake.index.schema import instances, series, studies
+from medlake.index import qido as qido_mod
+from medlake.index.qido import MAX_LIMIT, QidoQuery, search
+from medlake.index.schema import instances, partitions, series, studies
 from medlake.index.writes import InstanceRow, write_instances
 from medlake.ingest.archive import Archive
 from medlake.storage import LakeLayout
@@ -344,6 +355,13 @@ class Query:
     study_uid: str | None = None
     series_uid: str | None = None
 
+    @property
+    def unfiltered(self) -> bool:
+        """No matching key: its count reads the whole partition whatever the indexes."""
+        return not self.study_uid and all(
+            k in ("limit", "offset", "fuzzymatching", "includefield") for k, _ in self.params
+        )
+
     def shown(self) -> str:
         path = {"study": "/studies", "series": "/series", "instance": "/instances"}[self.level]
         if self.series_uid:
@@ -402,8 +420,15 @@ def pctl(xs: list[float], p: float) -> float:
     return s[f] if f + 1 >= len(s) else s[f] + (s[f + 1] - s[f]) * (k - f)
 
 
+SLOW_BUDGET_S = 15.0  # a query whose warm-up is slow gets fewer runs (at least 3)
+
+
 def timed(fn: Callable[[], Any], runs: int) -> tuple[list[float], Any]:
+    t0 = time.perf_counter()
     out = fn()  # warm-up, not counted
+    warm = time.perf_counter() - t0
+    if warm * runs > SLOW_BUDGET_S:
+        runs = max(3, min(runs, int(SLOW_BUDGET_S / warm)))
     ts = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -416,7 +441,7 @@ def qido_statements(q: Query) -> tuple[Any, Any]:
     """The count and page statements ``index.qido.search`` runs for ``q``."""
     query, _ = parse_query(q.level, DEFAULT_PARTITION, q.params, study_uid=q.study_uid,
                            series_uid=q.series_uid, extended={})  # fmt: skip
-    stmt = build_select(query)
+    stmt = qido_mod.build_select(query)
     order = {Level.STUDY: studies, Level.SERIES: series, Level.INSTANCE: instances}[q.level].c.id
     count = select(func.count()).select_from(stmt.subquery())
     page = stmt.order_by(order).limit(min(query.limit, MAX_LIMIT)).offset(query.offset)
@@ -732,13 +757,19 @@ def time_queries(
         plan_lines: list[str] = []
         for kind, stmt in zip(("count", "page"), qido_statements(q), strict=True):
             plan = explain(archive.engine, stmt)
-            scans += [f"{kind}: {s}" for s in scan_concerns(backend, plan)]
+            for found in scan_concerns(backend, plan):
+                if kind == "count" and q.unfiltered:
+                    found += " (inherent: counts the whole partition)"
+                elif kind == "page" and not any("TEMP B-TREE" in x or "Sort" in x for x in plan):
+                    found += " (in id order, stops after offset+limit rows)"
+                scans.append(f"{kind}: {found}")
             plan_lines += [f"{kind}: {line}" for line in plan]
         med = statistics.median(ts)
         medians[q.name] = med
         verdict = "SCANS [" + "; ".join(scans) + "]" if scans else "index"
         out.fig(f"{prefix}.{label}.{q.name}_ms", med, "ms",
                 f"p90={pctl(ts, 90):.1f} min={min(ts):.1f} sql={statistics.median(ts_sql):.1f} "
+                f"{'' if len(ts) == runs else f'runs={len(ts)} (slow) '}"
                 f"n={n} total={total} expected={q.expected_n}/{q.expected_total}"
                 f"{'' if ok else ' MISMATCH'} plan={verdict} {q.shown()}")  # fmt: skip
         if shown_plans is not None:
@@ -751,17 +782,134 @@ def time_queries(
     return medians
 
 
-# Prototypes tried with --try-indexes, per backend: (label, SQL, why). They are created in
-# the benchmark database only; schema.py is not touched.
-CANDIDATES: dict[str, list[tuple[str, str, str]]] = {
-    "sqlite": [],
-    "postgresql": [],
+def time_locate(archive: Archive, ds: Dataset, runs: int, out: Out, prefix: str,
+                label: str) -> None:  # fmt: skip
+    """dicomweb.locate.find_instances (first step of WADO retrieve, metadata and frames):
+    not a QIDO figure, but it joins the same tables the same way."""
+    big = max(ds.studies, key=lambda st: (st.instances, st.uid))
+    cases = [("study", (big.uid,), big.instances),
+             ("series", (big.uid, big.series[0].uid), big.series[0].instances)]  # fmt: skip
+    for name, uids, expected in cases:
+
+        def run(uids: tuple[str, ...] = uids) -> int:
+            with archive.engine.connect() as conn:
+                return len(find_instances(conn, DEFAULT_PARTITION, *uids))
+
+        ts, n = timed(run, runs)
+        out.fig(f"{prefix}.{label}.{name}_ms", statistics.median(ts), "ms",
+                f"p90={pctl(ts, 90):.1f} runs={len(ts)} n={n} expected={expected}"
+                f"{'' if n == expected else ' MISMATCH'} find_instances() of the largest study"
+                f"{'' if name == 'study' else ', its first series'}")  # fmt: skip
+
+
+_ORIGINAL_BUILD_SELECT = qido_mod.build_select
+
+
+def _build_select_all_partitions(query: QidoQuery) -> Select[Any]:
+    """Prototype of a qido.py change: also constrain ``partition_id`` of the studies /
+    series tables joined in, so (partition_id, study_uid|series_uid) unique indexes serve
+    the StudyInstanceUID / SeriesInstanceUID / PatientID conditions."""
+    stmt = _ORIGINAL_BUILD_SELECT(query)
+    part = select(partitions.c.id).where(partitions.c.name == query.partition).scalar_subquery()
+    if query.level is not Level.STUDY:
+        stmt = stmt.where(studies.c.partition_id == part)
+    if query.level is Level.INSTANCE:
+        stmt = stmt.where(series.c.partition_id == part)
+    return stmt
+
+
+def _set_query_variant(on: bool) -> None:
+    qido_mod.build_select = _build_select_all_partitions if on else _ORIGINAL_BUILD_SELECT
+
+
+def _case_sensitive_like(engine: sqlalchemy.Engine) -> None:
+    def pragma(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA case_sensitive_like=ON")
+
+    event.listen(engine, "connect", pragma)
+    engine.dispose()  # pooled connections are replaced by ones with the pragma
+
+
+@dataclass
+class Prototype:
+    label: str
+    what: str
+    apply: Callable[[sqlalchemy.Engine], None]
+
+
+def _sql(*statements: str) -> Callable[[sqlalchemy.Engine], None]:
+    def apply(engine: sqlalchemy.Engine) -> None:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+
+    return apply
+
+
+def _steps(*steps: Callable[[sqlalchemy.Engine], None]) -> Callable[[sqlalchemy.Engine], None]:
+    def apply(engine: sqlalchemy.Engine) -> None:
+        for step in steps:
+            step(engine)
+
+    return apply
+
+
+# Prototypes tried with --try-indexes, one after the other on the loaded database (each
+# says what it adds to or removes from the previous one). Nothing here touches schema.py,
+# qido.py or database.py: indexes and statistics live in the benchmark database only, the
+# query variant is monkeypatched into this process.
+PROTOTYPES: dict[str, list[Prototype]] = {
+    "sqlite": [
+        Prototype(
+            "qido_partq",
+            "query variant only (no statistics): build_select also constrains "
+            "studies.partition_id / series.partition_id",
+            lambda _e: _set_query_variant(True),
+        ),
+        Prototype(
+            "qido_analyze",
+            "ANALYZE only (sqlite_stat1 written; query variant off)",
+            _steps(lambda _e: _set_query_variant(False), _sql("ANALYZE")),
+        ),
+        Prototype(
+            "qido_analyze_csl",
+            "ANALYZE + PRAGMA case_sensitive_like=ON (LIKE 'SMI%' can use the "
+            "(partition_id, patient_name_search) index)",
+            _case_sensitive_like,
+        ),
+        Prototype(
+            "qido_all",
+            "ANALYZE + case_sensitive_like + query variant",
+            lambda _e: _set_query_variant(True),
+        ),
+    ],
+    "postgresql": [
+        Prototype(
+            "qido_partq",
+            "query variant: build_select also constrains studies.partition_id / "
+            "series.partition_id",
+            lambda _e: _set_query_variant(True),
+        ),
+        Prototype(
+            "qido_pattern_idx",
+            "query variant + CREATE INDEX ix_proto_studies_name_pattern ON studies "
+            "(partition_id, patient_name_search varchar_pattern_ops); ANALYZE studies "
+            "(LIKE 'SMI%' cannot use the plain index: collation C.UTF-8 is not C)",
+            _sql(
+                "CREATE INDEX ix_proto_studies_name_pattern ON studies "
+                "(partition_id, patient_name_search varchar_pattern_ops)",
+                "ANALYZE studies",
+            ),
+        ),
+    ],
 }
 
 
 def run_backend(backend: Backend, ds: Dataset, queries: list[Query], args: argparse.Namespace,
                 out: Out) -> None:  # fmt: skip
     prefix = f"scale.{backend.name}"
+    if backend.name == "postgresql" and args.pg_analyze == "none":
+        prefix += "_noanalyze"  # not comparable with the figures of a normal server
     out.line()
     out.line(f"## {backend.name}: {backend.describe}")
     settings = Settings(data=backend.data, database_url=backend.url, fsync=False)
@@ -791,20 +939,22 @@ def run_backend(backend: Backend, ds: Dataset, queries: list[Query], args: argpa
                 )
         plans: dict[str, list[str]] = {}
         before = time_queries(archive, queries, args.runs, out, prefix, "qido", plans)
-        if args.try_indexes and CANDIDATES[backend.name]:
-            out.comment("prototypes, created in this benchmark database only:")
-            with archive.engine.begin() as conn:
-                for label, sql, why in CANDIDATES[backend.name]:
-                    t0 = time.perf_counter()
-                    conn.exec_driver_sql(sql)
-                    took = time.perf_counter() - t0
-                    out.comment(f"  {label}: {sql}  ({took:.1f}s) -- {why}")
-            after = time_queries(archive, queries, args.runs, out, prefix, "qido_idx", plans)
-            out.comment(
-                "before -> after (median ms): "
-                + ", ".join(f"{k} {before[k]:.1f}->{after[k]:.1f}" for k in before)
-            )
+        time_locate(archive, ds, args.runs, out, prefix, "locate")
+        if args.try_indexes:
+            for proto in PROTOTYPES[backend.name]:
+                out.line()
+                t0 = time.perf_counter()
+                proto.apply(archive.engine)
+                out.comment(f"prototype {proto.label}: {proto.what} "
+                            f"(applied in {time.perf_counter() - t0:.1f}s)")  # fmt: skip
+                after = time_queries(archive, queries, args.runs, out, prefix, proto.label, plans)
+                time_locate(archive, ds, args.runs, out, prefix, proto.label + ".locate")
+                out.comment(
+                    f"{proto.label} vs qido (median ms): "
+                    + ", ".join(f"{k} {before[k]:.1f}->{after[k]:.1f}" for k in before)
+                )
     finally:
+        _set_query_variant(False)
         archive.close()
         if args.keep:
             out.comment(f"kept: {backend.url} (data folder {backend.data})")
@@ -877,7 +1027,7 @@ def main() -> None:
     ap.add_argument(
         "--try-indexes",
         action="store_true",
-        help="after timing, create candidate indexes in the benchmark DB and time again",
+        help="then apply prototype indexes / statistics / query variants and time again",
     )
     ap.add_argument(
         "--profile-batches",

@@ -179,6 +179,22 @@ def test_wrong_content_type_is_415(
     lake.assert_untouched()
 
 
+def test_unacceptable_response_type_is_406_before_storing(
+    client, samples: dict[str, Path], lake: LakeInspection
+) -> None:
+    boundary = new_boundary()
+
+    response = client.post(
+        "/dicomweb/studies",
+        content=multipart_body([samples["CT_small.dcm"]], boundary),
+        headers=stow_headers(boundary, accept="application/dicom+xml"),
+    )
+
+    assert response.status_code == 406
+    assert "application/dicom+xml" in message(response)
+    lake.assert_untouched()
+
+
 def test_missing_content_type_is_415(
     client, samples: dict[str, Path], lake: LakeInspection
 ) -> None:
@@ -430,6 +446,10 @@ def test_2gb_upload_interrupted(live_server: LiveServer, lake: LakeInspection) -
         ({"StudyTime": "120000-110000"}, "120000-110000"),
         ({"PatientBirthDate": "yesterday"}, "yesterday"),
         ({"StudyInstanceUID": "1.2.abc"}, "1.2.abc"),
+        (
+            {"StudyDate": "二〇二〇年"},
+            "二〇二〇年",
+        ),  # not latin-1: must not break the Warning header
         ({"StudyInstanceUID": "1.2.3,1.02.3"}, "1.02.3"),
     ],
 )

@@ -118,6 +118,7 @@ def test_delete_study(client, lake: LakeInspection) -> None:
     ) == (0, 0, 0, 0)
     assert client.get("/dicomweb/studies").status_code == 204
     assert client.get(f"/dicomweb/studies/{STUDY}").status_code == 404
+    assert client.get(f"/dicomweb/studies/{STUDY}/metadata").status_code == 404
     entries = feed(client)
     assert [e["Action"] for e in entries] == ["create"] * 4 + ["delete"] * 4
     assert {e["State"] for e in entries} == {"deleted"}

@@ -50,6 +50,14 @@ def test_first_stow_creates_the_partition(
     assert client.get("/dicomweb/partitions").json() == client.get("/partitions").json()
     assert lake.instance_path(study, series, sop, partition="alpha").read_bytes() == ct.read_bytes()
     assert lake.dicom_files() == [lake.instance_path(study, series, sop, partition="alpha")]
+    instance = f"/dicomweb/partitions/alpha/studies/{study}/series/{series}/instances/{sop}"
+    retrieved = client.get(instance, headers={"Accept": "application/dicom"})
+    assert retrieved.content == ct.read_bytes()
+    assert client.get(f"{instance}/rendered").headers["content-type"] == "image/jpeg"
+    [metadata] = client.get(f"{instance}/metadata").json()
+    assert f"/dicomweb/partitions/alpha/studies/{study}/" in metadata["7FE00010"]["BulkDataURI"]
+    [found] = client.get("/dicomweb/partitions/alpha/instances").json()
+    assert found["00081190"]["Value"][0].endswith(instance)
 
 
 def test_data_of_one_partition_is_invisible_from_another(

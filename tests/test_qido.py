@@ -107,6 +107,26 @@ def test_percent_encoded_values_are_decoded(
         assert values(response.json(), PATIENT_NAME) == ["SMITH^JOHN"], raw
 
 
+def test_non_ascii_person_names(client, stow: StowCall, samples, tmp_path: Path) -> None:
+    muller = copy_with_uids(
+        samples["MR_small.dcm"],
+        tmp_path / "muller.dcm",
+        SpecificCharacterSet="ISO_IR 192",
+        PatientName="Müller^Jürgen",
+    )
+    assert stow([muller]).status_code == 200
+
+    for params in (
+        {"PatientName": "Müller^Jürgen"},
+        {"PatientName": "MÜLLER*"},
+        {"PatientName": "jürg", "fuzzymatching": "true"},
+    ):
+        results, _ = search(client, "/dicomweb/studies", params)
+        assert values(results, PATIENT_NAME) == ["Müller^Jürgen"], params
+    encoded = client.get("/dicomweb/studies?PatientName=M%C3%BCller%5E%2A")
+    assert values(encoded.json(), PATIENT_NAME) == ["Müller^Jürgen"]
+
+
 def test_fuzzy_matching_of_person_names(client) -> None:
     assert study_set(client, PatientName="jane") == set()
     assert study_set(client, PatientName="jane", fuzzymatching="true") == {STUDY[0], STUDY[3]}
@@ -177,6 +197,10 @@ def test_instance_level(client) -> None:
     assert total == 24
     assert set(values(ct, SOP_UID)) == {demo_uid("instance", 0, 0, i) for i in range(24)}
     assert values(ct, "00280010") == [128] * 24  # Rows
+
+    of_patient, total = search(client, "/dicomweb/instances", {"PatientID": "DEMO002"})
+    assert total == 8
+    assert set(values(of_patient, STUDY_UID)) == {STUDY[1]}
 
     in_study, total = search(client, f"/dicomweb/studies/{STUDY[3]}/instances")
     assert total == 4

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from tests.conftest import StowCall
 from tests.dicomweb_payloads import copy_with_uids, read_multipart
@@ -198,6 +199,44 @@ def test_pixel_data_bulkdata_uri_returns_the_pixels(client, stored: dict[str, Pa
     [(headers, payload)] = read_multipart(response.headers["content-type"], response.content)
     assert headers["content-type"].startswith("application/octet-stream")
     assert payload == pydicom.dcmread(ct).PixelData
+
+
+def test_bulkdata_uris_inside_sequences_resolve(client, stow: StowCall, tmp_path: Path) -> None:
+    """An ECG's WaveformData lies in the items of WaveformSequence: each item's BulkDataURI
+    must return that item's samples."""
+    ecg = copy_with_uids(Path(get_testdata_file("waveform_ecg.dcm")), tmp_path / "ecg.dcm")
+    assert stow([ecg]).status_code == 200
+    expected = [item.WaveformData for item in pydicom.dcmread(ecg).WaveformSequence]
+    assert len(expected) == 2
+
+    [item] = client.get(f"{instance_url(ecg)}/metadata").json()
+    uris = [i["54001010"]["BulkDataURI"] for i in item["54000100"]["Value"]]
+    assert len(set(uris)) == 2
+
+    for uri, samples in zip(uris, expected, strict=True):
+        response = client.get(uri, headers={"Accept": OCTET_PARTS})
+        assert response.status_code == 200, (uri, response.text)
+        [(_, payload)] = read_multipart(response.headers["content-type"], response.content)
+        assert payload == samples
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("54000100/7/54001010", 404),
+        ("54000100/x/54001010", 400),
+        ("5400", 400),
+        ("00100010/0", 400),
+    ],
+)
+def test_bad_bulkdata_paths(client, stow: StowCall, tmp_path: Path, path: str, status: int) -> None:
+    ecg = copy_with_uids(Path(get_testdata_file("waveform_ecg.dcm")), tmp_path / "ecg.dcm")
+    assert stow([ecg]).status_code == 200
+
+    response = client.get(f"{instance_url(ecg)}/bulkdata/{path}")
+
+    assert response.status_code == status
+    assert path.split("/")[-1] in response.json()["message"] or path in response.json()["message"]
 
 
 def test_series_metadata_follows_new_instances(

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         default=90, description="Lifecycle: blobs not read for this many days move to the cold tier."
     )
     max_extended_query_tags: int = Field(
-        default=128, description="Most extended query tags a partition may define."
+        default=128, description="Most extended query tags the archive may define (they apply to every partition)."
     )
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
     ohif_dist: Path | None = Field(

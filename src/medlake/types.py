@@ -23,8 +23,14 @@ def check_uid(value: str, name: str = "UID") -> str:
     return value
 
 
+#: Folder names beside the partitions in the lake layout; no partition may take them.
+RESERVED_PARTITION_NAMES = frozenset({"healthcheck"})
+
+
 def check_partition(name: str) -> str:
     """``name`` if it is a valid partition name (letters, digits, ``_``, ``-``; ≤ 64)."""
+    if name.lower() in RESERVED_PARTITION_NAMES:
+        raise InvalidInput(f"partition name {name!r} is reserved by the lake layout")
     if not PARTITION_PATTERN.match(name):
         raise InvalidInput(
             f"partition name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'"

@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from medlake import __version__
 from medlake.api import admin_routes, dicomweb_routes, extended_tags_routes
 from medlake.api.errors import install_error_handlers
+from medlake.dicomweb.extended_tags import resume_interrupted
 from medlake.dicomweb.metadata_refresher import MetadataRefresher
 from medlake.ingest.archive import Archive
 from medlake.storage.health import LakeHealthCheck
@@ -30,6 +32,8 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
         if background:
             health.start()
             refresher.start()
+            # Re-index operations cut short by a previous stop go on where they were.
+            await run_in_threadpool(resume_interrupted, archive)
         else:
             health.check_once()
         yield

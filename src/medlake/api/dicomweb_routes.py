@@ -6,11 +6,12 @@ Mounted twice: at ``/dicomweb`` (partition ``default``) and at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -30,6 +31,21 @@ from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.types import DEFAULT_PARTITION, check_partition
 
 DICOM_JSON = "application/dicom+json"
+
+#: The media type of a compressed frame of each transfer syntax (PS3.18 Table 8.7.3-5).
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
 
 
 def archive_of(request: Request) -> Archive:
@@ -258,7 +274,17 @@ def _opener(archive: Archive, item: StoredInstance) -> Any:
 
 
 def _single_blob(archive: Archive, item: StoredInstance, media_type: str) -> Response:
-    return Response(archive.blobs.read_bytes(item.blob_key), media_type=media_type)
+    """One stored file as the whole body, streamed (never read into memory at once)."""
+    path = archive.blobs.local_path(item.blob_key)
+    if path is not None:
+        return FileResponse(path, media_type=media_type)
+
+    def chunks() -> Iterator[bytes]:
+        with archive.blobs.open(item.blob_key) as fh:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(item.size)})
 
 
 @router.get("/studies/{study}")
@@ -335,16 +361,21 @@ def _octet_parts(request: Request, item: StoredInstance, chunks: list[bytes]) ->
             f"frames are stored as {item.transfer_syntax_uid}; transcoding to {wanted_ts} is "
             "not supported (ask for transfer-syntax=*)"
         )
+    wanted_type = chosen.params.get("type", "application/octet-stream").lower()
+    natural = FRAME_MEDIA_TYPES.get(item.transfer_syntax_uid, "application/octet-stream")
+    if wanted_type not in ("application/octet-stream", "*/*", natural):
+        raise NotAcceptable(
+            f"frames are stored as {item.transfer_syntax_uid} ({natural}); cannot return them "
+            f"as {wanted_type} without transcoding, which is not supported"
+        )
+    part_media = natural if wanted_type == natural else "application/octet-stream"
     boundary = new_boundary()
-    part_type = f"application/octet-stream; transfer-syntax={item.transfer_syntax_uid}"
+    part_type = f"{part_media}; transfer-syntax={item.transfer_syntax_uid}"
     body = b"".join(
         f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + chunk + b"\r\n"
         for chunk in chunks
     ) + f"--{boundary}--\r\n".encode()
-    return Response(
-        body,
-        media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
-    )
+    return Response(body, media_type=f'multipart/related; type="{part_media}"; boundary={boundary}')
 
 
 async def _one(archive: Archive, partition: str, study: str, series: str, instance: str) -> StoredInstance:
@@ -364,18 +395,15 @@ async def retrieve_frames(
     return _octet_parts(request, item, chunks)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}")
+@router.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag:path}")
 async def retrieve_bulkdata(
     request: Request, study: str, series: str, instance: str, tag: str,
     archive: ArchiveDep, partition: PartitionDep,
 ) -> Response:  # fmt: skip
     """WADO-RS: one bulk-data element (the BulkDataURI targets of the metadata)."""
-    try:
-        tag_value = int(tag, 16)
-    except ValueError as exc:
-        raise InvalidInput(f"bulk data tag {tag!r} must be 8 hex digits") from exc
+    path = retrieve_service.parse_bulkdata_path(tag)
     item = await _one(archive, partition, study, series, instance)
-    data = await run_in_threadpool(retrieve_service.bulkdata, archive, item, tag_value)
+    data = await run_in_threadpool(retrieve_service.bulkdata, archive, item, path)
     return _octet_parts(request, item, [data])
 
 

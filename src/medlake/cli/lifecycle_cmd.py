@@ -27,7 +27,7 @@ console = Console()
 
 DataOption = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index [env MEDLAKE_DATA]."),
+    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
 ]
 NowOption = Annotated[
     Optional[str],  # noqa: UP045
@@ -40,13 +40,13 @@ NowOption = Annotated[
 CoolOption = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--cool-after-days", help="Override cool_after_days [env MEDLAKE_COOL_AFTER_DAYS]"
+        "--cool-after-days", help="Override cool_after_days (env MEDLAKE_COOL_AFTER_DAYS)"
     ),
 ]
 ColdOption = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--cold-after-days", help="Override cold_after_days [env MEDLAKE_COLD_AFTER_DAYS]"
+        "--cold-after-days", help="Override cold_after_days (env MEDLAKE_COLD_AFTER_DAYS)"
     ),
 ]
 

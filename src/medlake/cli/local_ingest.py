@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,17 +26,23 @@ def find_files(path: Path) -> Iterator[Path]:
 
 
 def stage(archive: Archive, source: Path) -> ReceivedFile:
-    """Link (or copy) ``source`` into staging, hashing it; the source stays untouched."""
+    """Copy ``source`` into staging, hashing it in the same pass.
+
+    A copy, never a hard link: a linked lake file would change whenever someone
+    rewrote the source file in place.
+    """
     target = archive.staging_dir / f"{uuid.uuid4().hex}.part"
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
     digest = hashlib.sha256()
-    with source.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
+    head = b""
+    size = 0
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(1 << 20):
+            if not head:
+                head = chunk[: 64 << 10]
             digest.update(chunk)
-    return ReceivedFile(target, source.stat().st_size, digest.hexdigest())
+            dst.write(chunk)
+            size += len(chunk)
+    return ReceivedFile(target, size, digest.hexdigest(), head)
 
 
 def ingest_batch(archive: Archive, sources: list[Path], partition: str) -> list[StoreResult]:

@@ -24,7 +24,7 @@ console = Console()
 
 DataOption = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index [env MEDLAKE_DATA]."),
+    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
 ]
 
 
@@ -50,11 +50,11 @@ def _settings(**overrides: object) -> Settings:
 @app.command()
 def serve(
     data: DataOption = None,
-    host: Annotated[Optional[str], typer.Option(help="Interface [env MEDLAKE_HOST].")] = None,  # noqa: UP045
-    http_port: Annotated[Optional[int], typer.Option(help="HTTP port [env MEDLAKE_HTTP_PORT].")] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help="Interface (env MEDLAKE_HOST).")] = None,  # noqa: UP045
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP port (env MEDLAKE_HTTP_PORT).")] = None,  # noqa: UP045
     dimse_port: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="DICOM port; 0 = off [env MEDLAKE_DIMSE_PORT]. (DIMSE is not built yet.)"),
+        typer.Option(help="DICOM port; 0 = off (env MEDLAKE_DIMSE_PORT). (DIMSE is not built yet.)"),
     ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Accepted for forward compatibility; auth is not built yet.")

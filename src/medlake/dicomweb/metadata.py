@@ -31,12 +31,30 @@ _TRANSFER_SYNTAX = "00020010"
 _BUILD_LOCK = threading.Lock()
 
 
+def _nested_paths(dataset: pydicom.Dataset, prefix: str = "") -> dict[int, str]:
+    """``sequence tag/item index/.../tag`` of every element inside a sequence item,
+    keyed by ``id(element)`` (the bulk-data handler of ``to_json_dict`` only sees the
+    element, and one tag can occur in many items, e.g. WaveformData)."""
+    paths: dict[int, str] = {}
+    for element in dataset:
+        if element.VR != "SQ":
+            if prefix:
+                paths[id(element)] = f"{prefix}{element.tag:08x}"
+            continue
+        for index, item in enumerate(element.value or []):
+            paths.update(_nested_paths(item, f"{prefix}{element.tag:08x}/{index}/"))
+    return paths
+
+
 def instance_json(stored: StoredInstance, dataset: pydicom.Dataset) -> dict[str, Any]:
-    """DICOM JSON of one instance header, with bulk data as study-relative URIs."""
+    """DICOM JSON of one instance header, with bulk data as study-relative URIs
+    (``.../bulkdata/{tag}``, or ``.../bulkdata/{sequence tag}/{item}/.../{tag}`` inside
+    sequences; see :func:`medlake.dicomweb.retrieve.parse_bulkdata_path`)."""
     prefix = f"series/{stored.series_uid}/instances/{stored.sop_uid}"
+    nested = _nested_paths(dataset)
 
     def bulk_uri(element: pydicom.DataElement) -> str:
-        return f"{prefix}/bulkdata/{element.tag:08x}"
+        return f"{prefix}/bulkdata/{nested.get(id(element), f'{element.tag:08x}')}"
 
     out: dict[str, Any] = dataset.to_json_dict(BULK_DATA_THRESHOLD, bulk_uri)
     out[_TRANSFER_SYNTAX] = {"vr": "UI", "Value": [stored.transfer_syntax_uid]}

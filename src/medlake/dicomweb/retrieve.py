@@ -79,16 +79,41 @@ def _frames_by_parsing(archive: Archive, stored: StoredInstance, numbers: Sequen
     return [ds.PixelData[(n - 1) * size : n * size] for n in numbers]
 
 
-def bulkdata(archive: Archive, stored: StoredInstance, tag: int) -> bytes:
-    """The value of one bulk-data element (Pixel Data: every frame, concatenated)."""
-    if tag == _PIXEL_DATA:
+def parse_bulkdata_path(value: str) -> tuple[int, ...]:
+    """A BulkDataURI's element path: ``7fe00010``, or inside sequences
+    ``54000100/0/54001010`` (sequence tag / item index / ... / tag); anything else is a 400."""
+    parts = value.split("/")
+    tags, indexes = parts[::2], parts[1::2]
+    valid = (
+        len(parts) % 2 == 1
+        and all(len(t) == 8 and all(c in "0123456789abcdefABCDEF" for c in t) for t in tags)
+        and all(i.isdigit() for i in indexes)
+    )
+    if not valid:
+        raise InvalidInput(
+            f"bulk data path {value!r} must be a tag of 8 hex digits, "
+            "or sequence tag/item index/.../tag"
+        )
+    return tuple(int(p, 16) if n % 2 == 0 else int(p) for n, p in enumerate(parts))
+
+
+def bulkdata(archive: Archive, stored: StoredInstance, path: Sequence[int]) -> bytes:
+    """The value of one bulk-data element, by :func:`parse_bulkdata_path` path
+    (Pixel Data: every frame, concatenated)."""
+    if tuple(path) == (_PIXEL_DATA,):
         count = stored.number_of_frames or 1
         return b"".join(frames(archive, stored, range(1, count + 1)))
     with archive.blobs.open(stored.blob_key) as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
-    element = ds.get(tag)
+    named = "/".join(f"{p:08X}" if n % 2 == 0 else str(p) for n, p in enumerate(path))
+    for sequence_tag, index in zip(path[:-1:2], path[1::2], strict=True):
+        sequence = ds.get(sequence_tag)
+        if sequence is None or sequence.VR != "SQ" or index >= len(sequence.value or []):
+            raise NotFound(f"instance {stored.sop_uid} has no element {named}")
+        ds = sequence.value[index]
+    element = ds.get(path[-1])
     if element is None or element.value is None:
-        raise NotFound(f"instance {stored.sop_uid} has no element ({tag:08X})")
+        raise NotFound(f"instance {stored.sop_uid} has no element {named}")
     value = element.value
     return value if isinstance(value, bytes) else str(value).encode()
 

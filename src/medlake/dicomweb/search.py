@@ -81,7 +81,11 @@ def _non_negative(name: str, value: str) -> int:
 
 
 def _add_filter(query: QidoQuery, name: str, value: str, extended: dict[int, ExtendedTag]) -> None:
-    found = lookup(name.split(".")[-1] if "." in name else name)
+    if "." in name:
+        raise UnknownAttribute(
+            f"query attribute {name!r} is a sequence path; matching inside sequences is not supported"
+        )
+    found = lookup(name)
     if found is None:
         raise UnknownAttribute(f"unknown query attribute {name!r}")
     tag, keyword = found
@@ -170,11 +174,18 @@ def _retrieve_url(row: Any, level: Level, base_url: str) -> str:
     return url
 
 
+def person_name_json(value: str) -> dict[str, str]:
+    """A PN value's component groups as DICOM JSON (PS3.18 F.2.2)."""
+    groups = value.split("=")
+    names = ("Alphabetic", "Ideographic", "Phonetic")
+    return {name: group for name, group in zip(names, groups, strict=False) if group}
+
+
 def _element(attr: Attribute, value: Any) -> dict[str, Any]:
     if value is None or value == "":
         return {"vr": attr.vr}
     if attr.vr == "PN":
-        return {"vr": "PN", "Value": [{"Alphabetic": value}]}
+        return {"vr": "PN", "Value": [person_name_json(str(value))]}
     if attr.vr in ("IS", "US", "UL", "SS", "SL"):
         return {"vr": attr.vr, "Value": [int(value)]}
     if attr.vr == "CS" or attr.keyword == "SpecificCharacterSet":

@@ -34,6 +34,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Wildcard matching must be case-sensitive like exact matching, and like PostgreSQL's LIKE
+    # (person names are matched through upper-cased search columns instead).
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import (
 
 from medlake.dicom.attributes import Attribute, Level
 from medlake.errors import InvalidInput
+from medlake.index.extended_values import NUMERIC_VRS
 from medlake.index.schema import (
     extended_query_tag_values,
     instances,
@@ -125,11 +126,17 @@ def build_select(query: QidoQuery) -> Select[Any]:
                 f"attribute {attr.keyword} is a {attr.level}-level attribute and cannot be "
                 f"matched in a {query.level}-level search"
             )
-        condition = match_condition(attr.vr, _column(attr, query.level), value, query.fuzzy)
+        try:
+            condition = match_condition(attr.vr, _column(attr, query.level), value, query.fuzzy)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{attr.keyword} ({attr.tag_hex}): {exc.message}") from exc
         if condition is not None:
             stmt = stmt.where(condition)
     for tag, value in query.extended_filters:
-        stmt = stmt.where(_extended_condition(tag, value, query.level, query.fuzzy))
+        try:
+            stmt = stmt.where(_extended_condition(tag, value, query.level, query.fuzzy))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{tag.keyword or f'{tag.tag:08X}'}: {exc.message}") from exc
     return stmt
 
 
@@ -262,7 +269,7 @@ def _extended_condition(
     tag: ExtendedTag, value: str, level: Level, fuzzy: bool
 ) -> ColumnElement[bool]:
     values = extended_query_tag_values
-    column = values.c.value_number if tag.vr in _NUMERIC_VRS else values.c.value_text
+    column = values.c.value_number if tag.vr in NUMERIC_VRS else values.c.value_text
     condition = match_condition(tag.vr, column, value.upper() if tag.vr == "PN" else value, fuzzy)
     link = {
         Level.STUDY: values.c.study_id == studies.c.id,
@@ -280,7 +287,6 @@ def _extended_condition(
     return exists(select(values.c.tag_id).where(clause))
 
 
-_NUMERIC_VRS = frozenset({"IS", "US", "UL", "SS", "SL", "SV", "UV", "FL", "FD", "DS"})
 
 __all__: Sequence[str] = [
     "DEFAULT_LIMIT",
