@@ -9,6 +9,8 @@ both figures; exits 1 if any target fails or a figure is missing.
 A figure whose answer was wrong (QIDO "MISMATCH", WADO "parts=149/150" or
 "n=0/150") fails whatever its speed: a fast-but-wrong server must not pass.
 """
+
+import contextlib
 import re
 import sys
 
@@ -34,10 +36,8 @@ def read_figures(path):
             figure, _, details = line.partition("#")
             parts = figure.split()
             if len(parts) >= 3 and "." in parts[0]:
-                try:
+                with contextlib.suppress(ValueError):  # not a figure line
                     out[parts[0]] = (float(parts[1]), parts[2], details.strip())
-                except ValueError:
-                    pass  # not a figure line
     return out
 
 
@@ -62,7 +62,9 @@ def main(argv):
     for name, op, factor in TARGETS:
         if name == "qido.*":
             # only latency figures: qido.server_cpu_s is not a target
-            checks += [(n, op, factor) for n in orthanc if n.startswith("qido.") and n.endswith("_ms")]
+            checks += [
+                (n, op, factor) for n in orthanc if n.startswith("qido.") and n.endswith("_ms")
+            ]
         else:
             checks.append((name, op, factor))
 
@@ -79,9 +81,11 @@ def main(argv):
         ok = ok and not wrong
         failed += not ok
         want = f"{op} {factor:g}x orthanc" if factor != 1 else f"{op} orthanc"
-        print(f"{'PASS' if ok else 'FAIL'}  {name:<34} medlake {b[0]:>9.4g} {b[1]:<7}"
-              f" orthanc {a[0]:>9.4g}  (want {want} = {limit:.4g})"
-              + (f"  WRONG ANSWER: {wrong}" if wrong else ""))
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {name:<34} medlake {b[0]:>9.4g} {b[1]:<7}"
+            f" orthanc {a[0]:>9.4g}  (want {want} = {limit:.4g})"
+            + (f"  WRONG ANSWER: {wrong}" if wrong else "")
+        )
     print(f"targets: {len(checks) - failed}/{len(checks)} pass")
     return 1 if failed else 0
 

@@ -9,7 +9,6 @@ import pydicom
 import pytest
 from PIL import Image
 from starlette.testclient import TestClient
-
 from tests.conftest import StowCall
 
 
@@ -37,7 +36,9 @@ def test_application_dicom_returns_the_stored_bytes(client: TestClient, ct: Path
     assert response.content == ct.read_bytes()
 
 
-def test_default_is_a_jpeg_rendering_scaled_to_rows_and_columns(client: TestClient, ct: Path) -> None:
+def test_default_is_a_jpeg_rendering_scaled_to_rows_and_columns(
+    client: TestClient, ct: Path
+) -> None:
     params = {"requestType": "WADO", "rows": "64", "columns": "64", **_uids(ct)}
     response = client.get("/dicomweb/wado", params=params)
     assert response.status_code == 200
@@ -48,8 +49,12 @@ def test_default_is_a_jpeg_rendering_scaled_to_rows_and_columns(client: TestClie
 
 def test_window_changes_the_rendering(client: TestClient, ct: Path) -> None:
     base = {"requestType": "WADO", "contentType": "image/png", **_uids(ct)}
-    narrow = client.get("/dicomweb/wado", params={**base, "windowCenter": "40", "windowWidth": "80"})
-    wide = client.get("/dicomweb/wado", params={**base, "windowCenter": "40", "windowWidth": "4000"})
+    narrow = client.get(
+        "/dicomweb/wado", params={**base, "windowCenter": "40", "windowWidth": "80"}
+    )
+    wide = client.get(
+        "/dicomweb/wado", params={**base, "windowCenter": "40", "windowWidth": "4000"}
+    )
     assert narrow.status_code == wide.status_code == 200
     assert Image.open(io.BytesIO(narrow.content)).format == "PNG"
     assert narrow.content != wide.content
@@ -63,7 +68,11 @@ def test_window_changes_the_rendering(client: TestClient, ct: Path) -> None:
         ({"contentType": "video/mpeg"}, 406, "video/mpeg"),
         ({"frameNumber": "x"}, 400, "frameNumber"),
         ({"objectUID": "1.2.3.4"}, 404, "1.2.3.4"),
-        ({"transferSyntax": "1.2.840.10008.1.2.4.50", "contentType": "application/dicom"}, 406, "1.2.840.10008.1.2.4.50"),
+        (
+            {"transferSyntax": "1.2.840.10008.1.2.4.50", "contentType": "application/dicom"},
+            406,
+            "1.2.840.10008.1.2.4.50",
+        ),
     ],
 )
 def test_bad_requests_are_named(

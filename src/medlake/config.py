@@ -44,10 +44,13 @@ class Settings(BaseSettings):
         description="fsspec storage options for lake_url (JSON in MEDLAKE_STORAGE_OPTIONS).",
     )
     workspace: str = Field(default="default", description="Workspace segment of the lake layout.")
-    dicom_service: str = Field(default="default", description="DICOM service segment of the lake layout.")
+    dicom_service: str = Field(
+        default="default", description="DICOM service segment of the lake layout."
+    )
     fsync: bool = Field(
         default=True,
-        description="fsync stored files before their index rows commit (durable against power loss).",
+        description="fsync stored files before their index rows commit "
+        "(durable against power loss).",
     )
     health_check_interval: float = Field(
         default=30.0, description="Seconds between writes of the lake health-check file."
@@ -61,13 +64,17 @@ class Settings(BaseSettings):
         default=0, description="Largest accepted STOW-RS request body in bytes; 0 = no limit."
     )
     cool_after_days: int = Field(
-        default=30, description="Lifecycle: blobs not read for this many days move to the cool tier."
+        default=30,
+        description="Lifecycle: blobs not read for this many days move to the cool tier.",
     )
     cold_after_days: int = Field(
-        default=90, description="Lifecycle: blobs not read for this many days move to the cold tier."
+        default=90,
+        description="Lifecycle: blobs not read for this many days move to the cold tier.",
     )
     max_extended_query_tags: int = Field(
-        default=128, description="Most extended query tags the archive may define (they apply to every partition)."
+        default=128,
+        description="Most extended query tags the archive may define "
+        "(they apply to every partition).",
     )
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
     ohif_dist: Path | None = Field(
@@ -107,4 +114,4 @@ def load_settings(**overrides: Any) -> Settings:
     return Settings(**{**from_file, **explicit})
 
 
-__all__ = ["Settings", "TOML_NAME", "load_settings"]
+__all__ = ["TOML_NAME", "Settings", "load_settings"]

@@ -17,7 +17,6 @@ from medlake.ingest.archive import Archive
 from medlake.storage.health import LakeHealthCheck
 
 
-
 def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     """Build the app around an opened archive.
 

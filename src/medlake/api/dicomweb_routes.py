@@ -95,12 +95,13 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
         return [part.close()]
     if media.name != "multipart/related":
         raise UnsupportedMediaType(
-            f"STOW-RS needs Content-Type multipart/related; type=\"application/dicom\", not {content_type!r}"
+            'STOW-RS needs Content-Type multipart/related; type="application/dicom", '
+            f"not {content_type!r}"
         )
     part_type = media.params.get("type", "application/dicom").lower()
     if part_type != "application/dicom":
         raise UnsupportedMediaType(
-            f"only type=\"application/dicom\" parts are accepted, not {part_type!r} "
+            f'only type="application/dicom" parts are accepted, not {part_type!r} '
             "(metadata + bulk data STOW is not supported)"
         )
     boundary = media.params.get("boundary")
@@ -128,7 +129,9 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
     return received
 
 
-async def _stow(request: Request, archive: Archive, partition: str, study: str | None, replace: bool) -> Response:
+async def _stow(
+    request: Request, archive: Archive, partition: str, study: str | None, replace: bool
+) -> Response:
     accept = parse_accept(request.headers.get("accept"))
     choose(accept, [DICOM_JSON, "application/json"], "the STOW-RS response")
     if study is not None:
@@ -151,19 +154,25 @@ async def stow_studies(request: Request, archive: ArchiveDep, partition: Partiti
 
 
 @router.post("/studies/{study}")
-async def stow_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def stow_study(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """STOW-RS: store instances that must belong to ``study``."""
     return await _stow(request, archive, partition, study, replace=False)
 
 
 @router.put("/studies")
-async def upsert_studies(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def upsert_studies(
+    request: Request, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """Store, replacing instances already stored with different content (upsert)."""
     return await _stow(request, archive, partition, None, replace=True)
 
 
 @router.put("/studies/{study}")
-async def upsert_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def upsert_study(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """Upsert instances that must belong to ``study``."""
     return await _stow(request, archive, partition, study, replace=True)
 
@@ -175,7 +184,11 @@ async def _search(
     request: Request, archive: Archive, partition: str, level: Level,
     study: str | None = None, series: str | None = None,
 ) -> Response:  # fmt: skip
-    choose(parse_accept(request.headers.get("accept")), [DICOM_JSON, "application/json"], "QIDO-RS results")
+    choose(
+        parse_accept(request.headers.get("accept")),
+        [DICOM_JSON, "application/json"],
+        "QIDO-RS results",
+    )
     result = await run_in_threadpool(
         run_search, archive, level, partition, request.query_params.multi_items(),
         study_uid=study, series_uid=series, base_url=base_url(request, partition),
@@ -189,7 +202,9 @@ async def _search(
 
 
 @router.get("/studies")
-async def search_studies(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def search_studies(
+    request: Request, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """QIDO-RS: search for studies."""
     return await _search(request, archive, partition, Level.STUDY)
 
@@ -201,19 +216,25 @@ async def search_series(request: Request, archive: ArchiveDep, partition: Partit
 
 
 @router.get("/instances")
-async def search_instances(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def search_instances(
+    request: Request, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """QIDO-RS: search for instances across studies."""
     return await _search(request, archive, partition, Level.INSTANCE)
 
 
 @router.get("/studies/{study}/series")
-async def search_study_series(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def search_study_series(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """QIDO-RS: series of a study."""
     return await _search(request, archive, partition, Level.SERIES, study)
 
 
 @router.get("/studies/{study}/instances")
-async def search_study_instances(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def search_study_instances(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """QIDO-RS: instances of a study."""
     return await _search(request, archive, partition, Level.INSTANCE, study)
 
@@ -248,7 +269,9 @@ def _instances_response(request: Request, found: list[StoredInstance]) -> Respon
     archive = archive_of(request)
     if chosen.name == "application/dicom":
         if len(found) != 1:
-            raise NotAcceptable("application/dicom (single part) is only available for one instance")
+            raise NotAcceptable(
+                "application/dicom (single part) is only available for one instance"
+            )
         return _single_blob(archive, found[0], "application/dicom")
     boundary = new_boundary()
     parts: list[tuple[str, Any]] = [
@@ -284,11 +307,15 @@ def _single_blob(archive: Archive, item: StoredInstance, media_type: str) -> Res
             while chunk := fh.read(1 << 20):
                 yield chunk
 
-    return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(item.size)})
+    return StreamingResponse(
+        chunks(), media_type=media_type, headers={"Content-Length": str(item.size)}
+    )
 
 
 @router.get("/studies/{study}")
-async def retrieve_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def retrieve_study(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """WADO-RS: every instance of a study."""
     found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study)
     return _instances_response(request, found)
@@ -305,22 +332,33 @@ async def retrieve_series(
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}")
 async def retrieve_instance(
-    request: Request, study: str, series: str, instance: str, archive: ArchiveDep, partition: PartitionDep
+    request: Request,
+    study: str,
+    series: str,
+    instance: str,
+    archive: ArchiveDep,
+    partition: PartitionDep,
 ) -> Response:
     """WADO-RS: one instance."""
-    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+    found = await run_in_threadpool(
+        retrieve_service.retrieve, archive, partition, study, series, instance
+    )
     return _instances_response(request, found)
 
 
 def _metadata_response(request: Request, body: bytes, study: str, partition: str) -> Response:
-    choose(parse_accept(request.headers.get("accept")), [DICOM_JSON, "application/json"], "metadata")
+    choose(
+        parse_accept(request.headers.get("accept")), [DICOM_JSON, "application/json"], "metadata"
+    )
     absolute = f"{base_url(request, partition)}/studies/{study}/".encode()
     body = body.replace(b'"BulkDataURI":"series/', b'"BulkDataURI":"' + absolute + b"series/")
     return Response(body, media_type=DICOM_JSON)
 
 
 @router.get("/studies/{study}/metadata")
-async def study_metadata(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def study_metadata(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """WADO-RS: DICOM JSON of every instance of a study (precomputed per series)."""
     body = await run_in_threadpool(metadata_service.study_metadata, archive, partition, study)
     return _metadata_response(request, body, study, partition)
@@ -331,19 +369,30 @@ async def series_metadata(
     request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
 ) -> Response:
     """WADO-RS: DICOM JSON of every instance of a series."""
-    body = await run_in_threadpool(metadata_service.series_metadata, archive, partition, study, series)
+    body = await run_in_threadpool(
+        metadata_service.series_metadata, archive, partition, study, series
+    )
     return _metadata_response(request, body, study, partition)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/metadata")
 async def instance_metadata(
-    request: Request, study: str, series: str, instance: str, archive: ArchiveDep, partition: PartitionDep
+    request: Request,
+    study: str,
+    series: str,
+    instance: str,
+    archive: ArchiveDep,
+    partition: PartitionDep,
 ) -> Response:
     """WADO-RS: DICOM JSON of one instance."""
-    body = await run_in_threadpool(metadata_service.series_metadata, archive, partition, study, series)
+    body = await run_in_threadpool(
+        metadata_service.series_metadata, archive, partition, study, series
+    )
     items = [i for i in orjson.loads(body) if i.get("00080018", {}).get("Value") == [instance]]
     if not items:
-        found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+        found = await run_in_threadpool(
+            retrieve_service.retrieve, archive, partition, study, series, instance
+        )
         del found
     return _metadata_response(request, orjson.dumps(items), study, partition)
 
@@ -371,15 +420,22 @@ def _octet_parts(request: Request, item: StoredInstance, chunks: list[bytes]) ->
     part_media = natural if wanted_type == natural else "application/octet-stream"
     boundary = new_boundary()
     part_type = f"{part_media}; transfer-syntax={item.transfer_syntax_uid}"
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + chunk + b"\r\n"
-        for chunk in chunks
-    ) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + chunk + b"\r\n"
+            for chunk in chunks
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     return Response(body, media_type=f'multipart/related; type="{part_media}"; boundary={boundary}')
 
 
-async def _one(archive: Archive, partition: str, study: str, series: str, instance: str) -> StoredInstance:
-    found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series, instance)
+async def _one(
+    archive: Archive, partition: str, study: str, series: str, instance: str
+) -> StoredInstance:
+    found = await run_in_threadpool(
+        retrieve_service.retrieve, archive, partition, study, series, instance
+    )
     return found[0]
 
 
@@ -421,7 +477,9 @@ def render_options(request: Request, thumbnail: bool = False) -> RenderOptions:
     return RenderOptions(media.name, center, width, viewport, int(quality))
 
 
-async def _render(request: Request, study: str, series: str, instance: str, frame: int, thumbnail: bool) -> Response:
+async def _render(
+    request: Request, study: str, series: str, instance: str, frame: int, thumbnail: bool
+) -> Response:
     options = render_options(request, thumbnail)
     archive, partition = archive_of(request), partition_of(request)
     item = await _one(archive, partition, study, series, instance)
@@ -436,7 +494,9 @@ async def rendered_instance(request: Request, study: str, series: str, instance:
 
 
 @router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered")
-async def rendered_frame(request: Request, study: str, series: str, instance: str, frame: int) -> Response:
+async def rendered_frame(
+    request: Request, study: str, series: str, instance: str, frame: int
+) -> Response:
     """WADO-RS: one frame rendered to JPEG/PNG."""
     return await _render(request, study, series, instance, frame, False)
 
@@ -448,7 +508,9 @@ async def thumbnail_instance(request: Request, study: str, series: str, instance
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail")
-async def thumbnail_series(request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def thumbnail_series(
+    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """WADO-RS: a small rendering of the series' middle instance."""
     found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study, series)
     middle = found[len(found) // 2]
@@ -456,7 +518,9 @@ async def thumbnail_series(request: Request, study: str, series: str, archive: A
 
 
 @router.get("/studies/{study}/thumbnail")
-async def thumbnail_study(request: Request, study: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def thumbnail_study(
+    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """WADO-RS: a small rendering of the study's first series."""
     found = await run_in_threadpool(retrieve_service.retrieve, archive, partition, study)
     first_series = found[0].series_uid
@@ -476,7 +540,9 @@ async def delete_study(study: str, archive: ArchiveDep, partition: PartitionDep)
 
 
 @router.delete("/studies/{study}/series/{series}")
-async def delete_series(study: str, series: str, archive: ArchiveDep, partition: PartitionDep) -> Response:
+async def delete_series(
+    study: str, series: str, archive: ArchiveDep, partition: PartitionDep
+) -> Response:
     """Delete a series."""
     await run_in_threadpool(delete_service, archive, partition, study, series)
     return Response(status_code=204)
@@ -489,8 +555,6 @@ async def delete_instance(
     """Delete one instance."""
     await run_in_threadpool(delete_service, archive, partition, study, series, instance)
     return Response(status_code=204)
-
-
 
 
 # --- WADO-URI (PS3.18 chapter 9) ------------------------------------------------------------
@@ -520,7 +584,8 @@ async def wado_uri(request: Request, archive: ArchiveDep, partition: PartitionDe
         ts = params.get("transferSyntax")
         if ts and ts != item.transfer_syntax_uid:
             raise NotAcceptable(
-                f"instance is stored as {item.transfer_syntax_uid}; transcoding to {ts} is not supported"
+                f"instance is stored as {item.transfer_syntax_uid}; "
+                f"transcoding to {ts} is not supported"
             )
         return _single_blob(archive, item, "application/dicom")
     if content_type not in ("image/jpeg", "image/png"):

@@ -56,7 +56,8 @@ def choose(accept: list[MediaType], offers: list[str], what: str) -> MediaType:
             if wanted.matches(offer):
                 return MediaType(offer, wanted.params, wanted.quality)
     raise NotAcceptable(
-        f"cannot return {what} as {', '.join(t.name for t in accept)}; available: {', '.join(offers)}"
+        f"cannot return {what} as {', '.join(t.name for t in accept)}; "
+        f"available: {', '.join(offers)}"
     )
 
 

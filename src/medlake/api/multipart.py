@@ -20,7 +20,6 @@ from python_multipart.multipart import MultipartParser
 from medlake.errors import InvalidInput, PayloadTooLarge
 from medlake.ingest.store import ReceivedFile
 
-
 #: The first bytes of each part are kept in memory: the DICOM header is parsed from them
 #: without opening the staged file again.
 HEAD_BYTES = 64 << 10
@@ -38,6 +37,7 @@ class StagedPart:
         self.head = bytearray()
 
     def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` to the file, the hash and (while short) the in-memory head."""
         self.file.write(data)
         self.hash.update(data)
         if len(self.head) < HEAD_BYTES:
@@ -45,10 +45,12 @@ class StagedPart:
         self.size += len(data)
 
     def close(self) -> ReceivedFile:
+        """The complete part, as a received file."""
         self.file.close()
         return ReceivedFile(self.path, self.size, self.hash.hexdigest(), bytes(self.head))
 
     def discard(self) -> None:
+        """Drop the part and its staging file."""
         self.file.close()
         self.path.unlink(missing_ok=True)
 
@@ -97,7 +99,9 @@ class MultipartReceiver:
 
     def _header_end(self) -> None:
         assert self._current is not None
-        self._current.headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1").strip()
+        self._current.headers[self._field.decode("latin-1").lower()] = self._value.decode(
+            "latin-1"
+        ).strip()
         self._field = self._value = b""
 
     def _on_end(self) -> None:
@@ -180,5 +184,3 @@ async def aiter_parts(parts: list[tuple[str, Any]], boundary: str) -> AsyncItera
 def new_boundary() -> str:
     """A random boundary that cannot occur in DICOM bytes by chance."""
     return f"medlake-{uuid.uuid4().hex}"
-
-

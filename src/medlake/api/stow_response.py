@@ -14,7 +14,9 @@ def _ui(value: str | None) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-def stow_response(results: Sequence[StoreResult], base_url: str) -> tuple[int, dict[str, Any], str | None]:
+def stow_response(
+    results: Sequence[StoreResult], base_url: str
+) -> tuple[int, dict[str, Any], str | None]:
     """(HTTP status, DICOM JSON body, Warning header) for the results of one request.
 
     200: every instance stored. 202: some failed (FailedSOPSequence says which and why).
@@ -27,7 +29,10 @@ def stow_response(results: Sequence[StoreResult], base_url: str) -> tuple[int, d
     study_urls = set()
     for result in results:
         if result.ok:
-            url = f"{base_url}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_uid}"
+            url = (
+                f"{base_url}/studies/{result.study_uid}/series/{result.series_uid}"
+                f"/instances/{result.sop_uid}"
+            )
             referenced.append(
                 {
                     "00081150": _ui(result.sop_class_uid),

@@ -51,13 +51,20 @@ def _settings(**overrides: object) -> Settings:
 def serve(
     data: DataOption = None,
     host: Annotated[Optional[str], typer.Option(help="Interface (env MEDLAKE_HOST).")] = None,  # noqa: UP045
-    http_port: Annotated[Optional[int], typer.Option(help="HTTP port (env MEDLAKE_HTTP_PORT).")] = None,  # noqa: UP045
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP port (env MEDLAKE_HTTP_PORT).")
+    ] = None,
     dimse_port: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="DICOM port; 0 = off (env MEDLAKE_DIMSE_PORT). (DIMSE is not built yet.)"),
+        typer.Option(
+            help="DICOM port; 0 = off (env MEDLAKE_DIMSE_PORT). (DIMSE is not built yet.)"
+        ),
     ] = None,
     insecure_no_auth: Annotated[
-        bool, typer.Option("--insecure-no-auth", help="Accepted for forward compatibility; auth is not built yet.")
+        bool,
+        typer.Option(
+            "--insecure-no-auth", help="Accepted for forward compatibility; auth is not built yet."
+        ),
     ] = False,
 ) -> None:
     """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port."""
@@ -66,7 +73,9 @@ def serve(
     from medlake.web import create_web_app, viewer_path
 
     settings = _settings(data=data, host=host, http_port=http_port, dimse_port=dimse_port)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     archive = Archive.open(settings)
     console.print(
         f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
@@ -138,7 +147,9 @@ def list_studies(
     except NotFound:
         console.print(f"partition {partition!r} is empty")
         return
-    table = Table("StudyInstanceUID", "Date", "PatientID", "PatientName", "Modalities", "Series", "Instances")
+    table = Table(
+        "StudyInstanceUID", "Date", "PatientID", "PatientName", "Modalities", "Series", "Instances"
+    )
 
     def value(ds: dict[str, object], tag: str) -> str:
         element = ds.get(tag) or {}
@@ -146,10 +157,27 @@ def list_studies(
         if not values:
             return ""
         first = values[0]
-        return str(first.get("Alphabetic", "")) if isinstance(first, dict) else "\\".join(map(str, values))
+        return (
+            str(first.get("Alphabetic", ""))
+            if isinstance(first, dict)
+            else "\\".join(map(str, values))
+        )
 
     for ds in result.datasets:
-        table.add_row(*(value(ds, t) for t in ("0020000D", "00080020", "00100020", "00100010", "00080061", "00201206", "00201208")))
+        table.add_row(
+            *(
+                value(ds, t)
+                for t in (
+                    "0020000D",
+                    "00080020",
+                    "00100020",
+                    "00100010",
+                    "00080061",
+                    "00201206",
+                    "00201208",
+                )
+            )
+        )
     console.print(table)
     console.print(f"{result.total} studies")
 
@@ -158,7 +186,9 @@ def list_studies(
 def demo(
     data: DataOption = None,
     http_port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,  # noqa: UP045
-    no_serve: Annotated[bool, typer.Option("--no-serve", help="Only load the sample data.")] = False,
+    no_serve: Annotated[
+        bool, typer.Option("--no-serve", help="Only load the sample data.")
+    ] = False,
 ) -> None:
     """Generate sample studies, ingest them and serve them."""
     from medlake.cli.demo_data import write_demo_studies
@@ -169,4 +199,10 @@ def demo(
     console.print(f"wrote {len(files)} sample instances to {source}")
     ingest(source, data=settings.data, partition=DEFAULT_PARTITION)
     if not no_serve:
-        serve(data=settings.data, host=None, http_port=settings.http_port, dimse_port=None, insecure_no_auth=True)
+        serve(
+            data=settings.data,
+            host=None,
+            http_port=settings.http_port,
+            dimse_port=None,
+            insecure_no_auth=True,
+        )

@@ -1,0 +1,1 @@
+"""DICOM building blocks: header parsing, pixel-data offsets, attributes, rendering."""

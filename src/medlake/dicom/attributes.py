@@ -45,7 +45,7 @@ def _attr(keyword: str, level: Level, column: str, *, computed: bool = False) ->
     return Attribute(keyword, tag, dictionary_VR(tag), level, column, computed)
 
 
-S, SE, I = Level.STUDY, Level.SERIES, Level.INSTANCE
+S, SE, IN = Level.STUDY, Level.SERIES, Level.INSTANCE
 
 #: Every attribute with an index column, in the order QIDO returns them.
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -74,14 +74,14 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     _attr("PerformedProcedureStepStartDate", SE, "pps_start_date"),
     _attr("PerformedProcedureStepStartTime", SE, "pps_start_time"),
     _attr("NumberOfSeriesRelatedInstances", SE, "num_instances", computed=True),
-    _attr("SOPClassUID", I, "sop_class_uid"),
-    _attr("SOPInstanceUID", I, "sop_uid"),
-    _attr("InstanceNumber", I, "instance_number"),
-    _attr("Rows", I, "rows"),
-    _attr("Columns", I, "columns"),
-    _attr("BitsAllocated", I, "bits_allocated"),
-    _attr("NumberOfFrames", I, "number_of_frames"),
-    _attr("AvailableTransferSyntaxUID", I, "transfer_syntax_uid"),
+    _attr("SOPClassUID", IN, "sop_class_uid"),
+    _attr("SOPInstanceUID", IN, "sop_uid"),
+    _attr("InstanceNumber", IN, "instance_number"),
+    _attr("Rows", IN, "rows"),
+    _attr("Columns", IN, "columns"),
+    _attr("BitsAllocated", IN, "bits_allocated"),
+    _attr("NumberOfFrames", IN, "number_of_frames"),
+    _attr("AvailableTransferSyntaxUID", IN, "transfer_syntax_uid"),
 )
 
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}

@@ -16,7 +16,21 @@ from medlake.errors import InvalidDicom
 
 _ITEM = 0xFFFEE000
 _SEQ_DELIM = 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN", b"SV", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OW",
+    b"OF",
+    b"OD",
+    b"OL",
+    b"OV",
+    b"SQ",
+    b"UC",
+    b"UR",
+    b"UT",
+    b"UN",
+    b"SV",
+    b"UV",
+}
 
 
 @dataclass(frozen=True)

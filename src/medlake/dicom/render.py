@@ -75,7 +75,9 @@ def render_frame(source: Any, frame: int, options: RenderOptions) -> bytes:
     try:
         pixels = ds.pixel_array if frames == 1 else pixel_array(ds, index=frame - 1)
     except Exception as exc:  # a codec problem is the data's, not the server's
-        raise UnsupportedMediaType(f"cannot decode pixel data ({ds.file_meta.TransferSyntaxUID}): {exc}") from exc
+        raise UnsupportedMediaType(
+            f"cannot decode pixel data ({ds.file_meta.TransferSyntaxUID}): {exc}"
+        ) from exc
     image = _to_image(ds, np.asarray(pixels), options)
     if options.viewport:
         image.thumbnail(options.viewport)
@@ -88,7 +90,9 @@ def render_frame(source: Any, frame: int, options: RenderOptions) -> bytes:
     return out.getvalue()
 
 
-def _to_image(ds: pydicom.Dataset, pixels: np.ndarray[Any, Any], options: RenderOptions) -> Image.Image:
+def _to_image(
+    ds: pydicom.Dataset, pixels: np.ndarray[Any, Any], options: RenderOptions
+) -> Image.Image:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         return Image.fromarray(_to_uint8(pixels.astype(np.float64)), "RGB")

@@ -92,7 +92,9 @@ def touch(conn: Connection, found: list[StoredInstance], blobs: BlobStore | None
     for start in range(0, len(ids), 500):
         conn.execute(
             update(instances)
-            .where(instances.c.id.in_(ids[start : start + 500]), instances.c.last_accessed_at < stale)
+            .where(
+                instances.c.id.in_(ids[start : start + 500]), instances.c.last_accessed_at < stale
+            )
             .values(last_accessed_at=now)
         )
     cooler = [(i.id, i.blob_key, Tier(i.tier)) for i in found if i.tier != Tier.HOT]

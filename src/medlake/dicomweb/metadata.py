@@ -59,12 +59,16 @@ def instance_json(stored: StoredInstance, dataset: pydicom.Dataset) -> dict[str,
     out: dict[str, Any] = dataset.to_json_dict(BULK_DATA_THRESHOLD, bulk_uri)
     out[_TRANSFER_SYNTAX] = {"vr": "UI", "Value": [stored.transfer_syntax_uid]}
     if stored.frames is not None or stored.number_of_frames:
-        out[f"{_PIXEL_DATA:08X}"] = {"vr": "OB" if stored.encapsulated else "OW",
-                                     "BulkDataURI": f"{prefix}/bulkdata/{_PIXEL_DATA:08x}"}
+        out[f"{_PIXEL_DATA:08X}"] = {
+            "vr": "OB" if stored.encapsulated else "OW",
+            "BulkDataURI": f"{prefix}/bulkdata/{_PIXEL_DATA:08x}",
+        }
     return dict(sorted(out.items()))
 
 
-def build_series_metadata(archive: Archive, partition: str, study_uid: str, series_uid: str) -> bytes:
+def build_series_metadata(
+    archive: Archive, partition: str, study_uid: str, series_uid: str
+) -> bytes:
     """Re-read the headers of a series, write its metadata file, return the JSON."""
     with archive.engine.connect() as conn:
         found = find_instances(conn, partition, study_uid, series_uid)
@@ -126,7 +130,9 @@ def _series_json(
         return build_series_metadata(archive, partition, study_uid, series_uid)
 
 
-def _stale_flags(conn: Any, partition: str, study_uid: str, series_uid: str | None) -> dict[str, bool]:
+def _stale_flags(
+    conn: Any, partition: str, study_uid: str, series_uid: str | None
+) -> dict[str, bool]:
     check_uid(study_uid, "StudyInstanceUID")
     query = (
         select(series.c.series_uid, series.c.metadata_stale)

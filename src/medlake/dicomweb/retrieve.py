@@ -65,7 +65,9 @@ def frames(archive: Archive, stored: StoredInstance, numbers: Sequence[int]) -> 
     return out
 
 
-def _frames_by_parsing(archive: Archive, stored: StoredInstance, numbers: Sequence[int]) -> list[bytes]:
+def _frames_by_parsing(
+    archive: Archive, stored: StoredInstance, numbers: Sequence[int]
+) -> list[bytes]:
     ds = pydicom.dcmread(io.BytesIO(archive.blobs.read_bytes(stored.blob_key)))
     if "PixelData" not in ds:
         raise NotFound(f"instance {stored.sop_uid} has no pixel data")

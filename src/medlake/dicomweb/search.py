@@ -67,7 +67,9 @@ def parse_query(
                 elif field_name and include is not None:
                     found = lookup(field_name)
                     if found is None:
-                        raise UnknownAttribute(f"includefield names unknown attribute {field_name!r}")
+                        raise UnknownAttribute(
+                            f"includefield names unknown attribute {field_name!r}"
+                        )
                     include.add(found[0])
         else:
             _add_filter(query, name, value, extended)
@@ -83,7 +85,8 @@ def _non_negative(name: str, value: str) -> int:
 def _add_filter(query: QidoQuery, name: str, value: str, extended: dict[int, ExtendedTag]) -> None:
     if "." in name:
         raise UnknownAttribute(
-            f"query attribute {name!r} is a sequence path; matching inside sequences is not supported"
+            f"query attribute {name!r} is a sequence path; "
+            "matching inside sequences is not supported"
         )
     found = lookup(name)
     if found is None:
@@ -118,7 +121,10 @@ def run_search(
     if series_uid:
         check_uid(series_uid, "SeriesInstanceUID")
     with archive.engine.connect() as conn:
-        if conn.execute(select(partitions.c.id).where(partitions.c.name == partition)).first() is None:
+        if (
+            conn.execute(select(partitions.c.id).where(partitions.c.name == partition)).first()
+            is None
+        ):
             raise NotFound(f"partition {partition!r} does not exist")
         extended = {
             int(r.tag, 16): ExtendedTag(r.id, int(r.tag, 16), r.keyword or "", r.vr, Level(r.level))

@@ -140,7 +140,6 @@ def build_select(query: QidoQuery) -> Select[Any]:
     return stmt
 
 
-
 def row_key(level: Level, column: str) -> str:
     """Name of a column of ``level`` in the rows :func:`search` returns."""
     return f"{level.value}__{column}"
@@ -287,7 +286,6 @@ def _extended_condition(
     return exists(select(values.c.tag_id).where(clause))
 
 
-
 __all__: Sequence[str] = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
@@ -295,7 +293,7 @@ __all__: Sequence[str] = [
     "QidoQuery",
     "QidoResult",
     "build_select",
-    "row_key",
     "match_condition",
+    "row_key",
     "search",
 ]

@@ -194,9 +194,7 @@ extended_query_tags = Table(
 extended_query_tag_values = Table(
     "extended_query_tag_values",
     metadata,
-    Column(
-        "tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True
-    ),
+    Column("tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True),
     Column("instance_id", ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
     Column("study_id", ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
     Column("series_id", ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
@@ -213,9 +211,7 @@ extended_query_tag_values = Table(
 extended_query_tag_errors = Table(
     "extended_query_tag_errors",
     metadata,
-    Column(
-        "tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True
-    ),
+    Column("tag_id", ForeignKey("extended_query_tags.id", ondelete="CASCADE"), primary_key=True),
     Column("instance_id", ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
     Column("message", String(512), nullable=False),
     Column("created_at", TS, nullable=False),

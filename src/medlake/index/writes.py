@@ -135,7 +135,10 @@ def find_existing(
             )
             .join(series, series.c.id == instances.c.series_id)
             .join(studies, studies.c.id == instances.c.study_id)
-            .where(instances.c.partition_id == partition, instances.c.sop_uid.in_(uids[start : start + 500]))
+            .where(
+                instances.c.partition_id == partition,
+                instances.c.sop_uid.in_(uids[start : start + 500]),
+            )
         )  # fmt: skip
         for row in rows:
             found[row.sop_uid] = ExistingInstance(
@@ -364,11 +367,7 @@ def refresh_counts(
     Empty series and studies (after deletes) are removed.
     """
     if series_ids:
-        count = (
-            select(func.count())
-            .where(instances.c.series_id == series.c.id)
-            .scalar_subquery()
-        )
+        count = select(func.count()).where(instances.c.series_id == series.c.id).scalar_subquery()
         conn.execute(
             update(series)
             .where(series.c.id.in_(list(series_ids)))

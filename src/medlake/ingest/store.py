@@ -35,6 +35,7 @@ from medlake.index.writes import (
 from medlake.ingest.archive import Archive
 from medlake.types import check_partition
 
+
 @dataclass(frozen=True)
 class ReceivedFile:
     """A file received into the staging folder, with its size and SHA-256."""
@@ -112,7 +113,9 @@ def store_instances(
     return [r if r is not None else StoreResult(Outcome.FAILED) for r in results]
 
 
-def _result(item: ParsedInstance, outcome: Outcome, error: MedlakeError | None = None) -> StoreResult:
+def _result(
+    item: ParsedInstance, outcome: Outcome, error: MedlakeError | None = None
+) -> StoreResult:
     return StoreResult(
         outcome,
         sop_class_uid=item.values.get("sop_class_uid"),
@@ -151,7 +154,9 @@ def _store_parsed(
                 if part is not None
                 else {}
             )
-            to_write = _plan(archive, files, parsed, results, partition, replace, existing, replaced)
+            to_write = _plan(
+                archive, files, parsed, results, partition, replace, existing, replaced
+            )
             pending = list(to_write.values())
             errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
             for (i, row), error in zip(pending, errors, strict=True):
@@ -171,7 +176,7 @@ def _store_parsed(
         # The transaction rolled back: files moved for new instances go again (no orphans).
         cause = getattr(exc, "orig", None) or exc
         error = DatabaseUnavailable(f"index write failed: {exc.__class__.__name__}: {cause}")
-        for i, row in moved:
+        for _i, row in moved:
             if row.sop_uid not in replaced:
                 _discard(archive, row.blob_key)
         for i in parsed:
@@ -180,7 +185,9 @@ def _store_parsed(
                 results[i] = _result(parsed[i], Outcome.FAILED, error)
         return
     for i, row in moved:
-        results[i] = _result(parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED)
+        results[i] = _result(
+            parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED
+        )
 
 
 def _plan(

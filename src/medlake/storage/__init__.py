@@ -9,7 +9,9 @@ from medlake.storage.base import BlobStore, Tier
 from medlake.storage.layout import LakeLayout
 
 
-def open_blob_store(url: str, *, storage_options: dict[str, Any] | None = None, fsync: bool = True) -> BlobStore:
+def open_blob_store(
+    url: str, *, storage_options: dict[str, Any] | None = None, fsync: bool = True
+) -> BlobStore:
     """The blob store for ``url``: a local folder, or any fsspec URL (``s3://…``)."""
     if "://" not in url or url.startswith("file://"):
         from medlake.storage.local import LocalBlobStore

@@ -6,6 +6,7 @@ expired) is found out within one interval, not at the next upload.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -47,7 +48,9 @@ class LakeHealthCheck:
                 raise OSError("the health-check file read back differs from what was written")
             self.status = HealthStatus(True, f"wrote {self._key}", now)
         except (MedlakeError, OSError) as exc:
-            self.status = HealthStatus(False, f"cannot write {self._key} in {self._blobs.root}: {exc}", now)
+            self.status = HealthStatus(
+                False, f"cannot write {self._key} in {self._blobs.root}: {exc}", now
+            )
         return self.status
 
     def start(self) -> None:
@@ -65,7 +68,5 @@ class LakeHealthCheck:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
+        with contextlib.suppress(MedlakeError):
             self._blobs.delete(self._key)
-        except MedlakeError:
-            pass

@@ -45,7 +45,9 @@ class LakeLayout:
 
     def instance_key(self, partition: str, study: str, series: str, sop: str) -> str:
         """The Part-10 file of one instance, byte-identical to what was received."""
-        return f"{self.series_prefix(partition, study, series)}/{check_uid(sop, 'SOPInstanceUID')}.dcm"
+        return (
+            f"{self.series_prefix(partition, study, series)}/{check_uid(sop, 'SOPInstanceUID')}.dcm"
+        )
 
     def series_metadata_key(self, partition: str, study: str, series: str) -> str:
         """Precomputed DICOM JSON of every instance of a series (gzip)."""
