@@ -806,28 +806,20 @@ _ORIGINAL_BUILD_SELECT = qido_mod.build_select
 
 
 def _build_select_all_partitions(query: QidoQuery) -> Select[Any]:
-    """Prototype of a qido.py change: also constrain ``partition_id`` of the studies /
-    series tables joined in, so (partition_id, study_uid|series_uid) unique indexes serve
-    the StudyInstanceUID / SeriesInstanceUID / PatientID conditions."""
+    """Prototype of a qido.py change: when the URL scopes the search to a study / series,
+    also constrain ``studies.partition_id`` / ``series.partition_id``, so the unique
+    (partition_id, study_uid) / (partition_id, series_uid) indexes find them."""
     stmt = _ORIGINAL_BUILD_SELECT(query)
     part = select(partitions.c.id).where(partitions.c.name == query.partition).scalar_subquery()
-    if query.level is not Level.STUDY:
+    if query.study_uid and query.level is not Level.STUDY:
         stmt = stmt.where(studies.c.partition_id == part)
-    if query.level is Level.INSTANCE:
+    if query.series_uid and query.level is Level.INSTANCE:
         stmt = stmt.where(series.c.partition_id == part)
     return stmt
 
 
 def _set_query_variant(on: bool) -> None:
     qido_mod.build_select = _build_select_all_partitions if on else _ORIGINAL_BUILD_SELECT
-
-
-def _case_sensitive_like(engine: sqlalchemy.Engine) -> None:
-    def pragma(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.execute("PRAGMA case_sensitive_like=ON")
-
-    event.listen(engine, "connect", pragma)
-    engine.dispose()  # pooled connections are replaced by ones with the pragma
 
 
 @dataclass
@@ -862,8 +854,8 @@ PROTOTYPES: dict[str, list[Prototype]] = {
     "sqlite": [
         Prototype(
             "qido_partq",
-            "query variant only (no statistics): build_select also constrains "
-            "studies.partition_id / series.partition_id",
+            "query variant only (no statistics): a search scoped to a study / series also "
+            "constrains studies.partition_id / series.partition_id",
             lambda _e: _set_query_variant(True),
         ),
         Prototype(
@@ -872,22 +864,16 @@ PROTOTYPES: dict[str, list[Prototype]] = {
             _steps(lambda _e: _set_query_variant(False), _sql("ANALYZE")),
         ),
         Prototype(
-            "qido_analyze_csl",
-            "ANALYZE + PRAGMA case_sensitive_like=ON (LIKE 'SMI%' can use the "
-            "(partition_id, patient_name_search) index)",
-            _case_sensitive_like,
-        ),
-        Prototype(
-            "qido_all",
-            "ANALYZE + case_sensitive_like + query variant",
+            "qido_analyze_partq",
+            "ANALYZE + query variant",
             lambda _e: _set_query_variant(True),
         ),
     ],
     "postgresql": [
         Prototype(
             "qido_partq",
-            "query variant: build_select also constrains studies.partition_id / "
-            "series.partition_id",
+            "query variant: a search scoped to a study / series also constrains "
+            "studies.partition_id / series.partition_id",
             lambda _e: _set_query_variant(True),
         ),
         Prototype(
@@ -969,8 +955,9 @@ def header(args: argparse.Namespace, ds: Dataset, out: Out) -> None:
         git = ["git", "-C", str(ROOT)]
         run = {"capture_output": True, "text": True, "check": True}
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **run).stdout.strip()  # type: ignore[call-overload]
-        dirty = subprocess.run([*git, "status", "--porcelain", "src"], **run).stdout.strip()  # type: ignore[call-overload]
-        commit += " (src has uncommitted changes)" if dirty else ""
+        dirty = subprocess.run([*git, "status", "--porcelain", "src"], **run).stdout  # type: ignore[call-overload]
+        changed = sorted({line[3:] for line in dirty.splitlines() if line.strip()})
+        commit += f" + uncommitted changes in {', '.join(changed)}" if changed else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     health_check_interval: float = Field(
         default=30.0, description="Seconds between writes of the lake health-check file."
     )
+    parse_workers: int = Field(
+        default=1,
+        description="Worker processes that parse headers and hash received files while "
+        "the server goes on receiving; 0 = parse in the server process.",
+    )
     metadata_refresh_quiet_seconds: float = Field(
         default=10.0,
         description="The background refresher rebuilds a series' metadata file once the series "

@@ -7,6 +7,8 @@ Mounted twice: at ``/dicomweb`` (partition ``default``) and at
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -27,8 +29,9 @@ from medlake.dicomweb.locate import StoredInstance
 from medlake.dicomweb.search import run_search
 from medlake.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from medlake.ingest.archive import Archive
-from medlake.ingest.store import ReceivedFile, store_instances
-from medlake.types import DEFAULT_PARTITION, check_partition
+from medlake.ingest.inspect import Inspection
+from medlake.ingest.store import ReceivedFile, inspect, store_instances
+from medlake.types import DEFAULT_PARTITION, check_partition, check_uid
 
 DICOM_JSON = "application/dicom+json"
 
@@ -77,7 +80,12 @@ router = APIRouter()
 # --- STOW-RS -----------------------------------------------------------------------------
 
 
-async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
+Received = list[tuple[ReceivedFile, Future[Inspection]]]
+
+
+async def _receive(request: Request, archive: Archive) -> Received:
+    """Stream the body to staging; each part's inspection starts as soon as it is complete
+    (in a worker process), overlapping with the receipt of the next part."""
     content_type = request.headers.get("content-type", "")
     media = parse_media_type(content_type)
     folder = archive.staging_dir
@@ -92,7 +100,8 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
         except BaseException:
             part.discard()
             raise
-        return [part.close()]
+        single = part.close()
+        return [(single, inspect(archive, single))]
     if media.name != "multipart/related":
         raise UnsupportedMediaType(
             'STOW-RS needs Content-Type multipart/related; type="application/dicom", '
@@ -107,7 +116,15 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
     boundary = media.params.get("boundary")
     if not boundary:
         raise InvalidInput("multipart/related Content-Type has no boundary parameter")
-    receiver = MultipartReceiver(boundary, folder, limit)
+    started: dict[Path, Future[Inspection]] = {}
+
+    def start_inspection(received: ReceivedFile, headers: dict[str, str]) -> None:
+        if parse_media_type(headers.get("content-type", "application/dicom")).name == (
+            "application/dicom"
+        ):
+            started[received.path] = inspect(archive, received)
+
+    receiver = MultipartReceiver(boundary, folder, limit, on_part=start_inspection)
     try:
         async for chunk in request.stream():
             receiver.feed(chunk)
@@ -117,16 +134,14 @@ async def _receive(request: Request, archive: Archive) -> list[ReceivedFile]:
         raise
     if not parts:
         raise InvalidInput("the multipart body contains no parts")
-    received = []
-    for file, headers in parts:
+    for _file, headers in parts:
         part_media = parse_media_type(headers.get("content-type", "application/dicom"))
         if part_media.name != "application/dicom":
             receiver.discard()
             raise UnsupportedMediaType(
                 f"a part has Content-Type {part_media.name!r}; every part must be application/dicom"
             )
-        received.append(file)
-    return received
+    return [(file, started[file.path]) for file, _headers in parts]
 
 
 async def _stow(
@@ -135,12 +150,16 @@ async def _stow(
     accept = parse_accept(request.headers.get("accept"))
     choose(accept, [DICOM_JSON, "application/json"], "the STOW-RS response")
     if study is not None:
-        from medlake.types import check_uid
-
         check_uid(study, "StudyInstanceUID")
-    files = await _receive(request, archive)
+    received = await _receive(request, archive)
     results = await run_in_threadpool(
-        store_instances, archive, files, partition, expected_study=study, replace=replace
+        store_instances,
+        archive,
+        [file for file, _ in received],
+        partition,
+        expected_study=study,
+        replace=replace,
+        inspections=[future for _, future in received],
     )
     status, body, warning = stow_response(results, base_url(request, partition))
     headers = {"Warning": warning} if warning else {}

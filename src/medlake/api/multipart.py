@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,20 +26,25 @@ HEAD_BYTES = 64 << 10
 
 
 class StagedPart:
-    """One part being written to a staging file."""
+    """One part being written to a staging file.
 
-    def __init__(self, folder: Path) -> None:
+    ``hashed`` computes the SHA-256 on the fly; by default the inspection step
+    hashes the file (in a worker process), keeping that work off the receiver.
+    """
+
+    def __init__(self, folder: Path, *, hashed: bool = False) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
         self.file: BinaryIO = self.path.open("wb")
-        self.hash = hashlib.sha256()
         self.size = 0
         self.headers: dict[str, str] = {}
         self.head = bytearray()
+        self.hash: hashlib._Hash | None = hashlib.sha256() if hashed else None
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` to the file, the hash and (while short) the in-memory head."""
         self.file.write(data)
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
         self.size += len(data)
@@ -47,7 +52,8 @@ class StagedPart:
     def close(self) -> ReceivedFile:
         """The complete part, as a received file."""
         self.file.close()
-        return ReceivedFile(self.path, self.size, self.hash.hexdigest(), bytes(self.head))
+        digest = self.hash.hexdigest() if self.hash is not None else None
+        return ReceivedFile(self.path, self.size, digest, bytes(self.head))
 
     def discard(self) -> None:
         """Drop the part and its staging file."""
@@ -58,7 +64,14 @@ class StagedPart:
 class MultipartReceiver:
     """Feeds a multipart body to python-multipart, one staging file per part."""
 
-    def __init__(self, boundary: str, folder: Path, max_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        boundary: str,
+        folder: Path,
+        max_bytes: int = 0,
+        on_part: Callable[[ReceivedFile, dict[str, str]], None] | None = None,
+    ) -> None:
+        self._on_part = on_part
         self._folder = folder
         self._max = max_bytes
         self._received = 0
@@ -88,8 +101,11 @@ class MultipartReceiver:
     def _end(self) -> None:
         assert self._current is not None
         part = self._current
-        self.parts.append((part.close(), part.headers))
+        received = part.close()
+        self.parts.append((received, part.headers))
         self._current = None
+        if self._on_part is not None:
+            self._on_part(received, part.headers)
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]

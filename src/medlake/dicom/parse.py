@@ -36,9 +36,13 @@ BULK_DATA_THRESHOLD = 1024
 
 @dataclass
 class ParsedInstance:
-    """The header of one instance and everything the index stores about it."""
+    """The header of one instance and everything the index stores about it.
 
-    dataset: Dataset
+    ``dataset`` is None when the header was parsed in another process (it is not
+    pickled back); read the stored file's header again if it is needed.
+    """
+
+    dataset: Dataset | None
     transfer_syntax_uid: str
     frame_index: FrameIndex | None
     values: dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,23 +246,31 @@ def write_values(
         conn.execute(insert(extended_query_tag_errors), errors)
 
 
+HeaderSource = Dataset | Callable[[], Dataset] | None
+
+
 def index_new_instances(
-    conn: Connection, items: Sequence[tuple[InstanceRef, Dataset | None]], now: dt.datetime
+    conn: Connection, items: Sequence[tuple[InstanceRef, HeaderSource]], now: dt.datetime
 ) -> None:
     """Index the extended query tags of newly stored instances (one query when there
-    are no tags, which is the common case)."""
+    are no tags, which is the common case). A header may be given as a loader, called
+    only when some tag needs indexing."""
     tags = indexing_tags(conn, lock=True)
     if not tags:
         return
-    write_values(
-        conn, [(ref, extract_values(ds, tags)) for ref, ds in items if ds is not None], now
-    )
+    rows = []
+    for ref, source in items:
+        dataset = source() if callable(source) else source
+        if dataset is not None:
+            rows.append((ref, extract_values(dataset, tags)))
+    write_values(conn, rows, now)
 
 
 __all__ = [
     "MAX_TEXT",
     "NUMERIC_VRS",
     "SUPPORTED_VRS",
+    "HeaderSource",
     "IndexedTag",
     "InstanceRef",
     "TagValue",

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydicom.dataset import Dataset
 from sqlalchemy import Connection, and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from medlake.index.extended_values import InstanceRef, index_new_instances
+from medlake.index.extended_values import HeaderSource, InstanceRef, index_new_instances
 from medlake.index.schema import (
     change_feed,
     instance_metadata,
@@ -71,7 +70,8 @@ class InstanceRow:
     study_extra: dict[str, Any] = field(default_factory=dict)
     series_extra: dict[str, Any] = field(default_factory=dict)
     #: The parsed header, from which extended query tags take their values.
-    dataset: Dataset | None = None
+    #: The header (or a loader of it), for extended query tags; None = not needed.
+    dataset: HeaderSource = None
 
 
 @dataclass(frozen=True)

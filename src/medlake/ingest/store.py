@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
-from medlake.dicom.parse import ParsedInstance, read_instance
+from medlake.dicom.parse import ParsedInstance
 from medlake.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -33,16 +36,18 @@ from medlake.index.writes import (
     write_instances,
 )
 from medlake.ingest.archive import Archive
+from medlake.ingest.inspect import Inspection, submit_inspection
 from medlake.types import check_partition
 
 
 @dataclass(frozen=True)
 class ReceivedFile:
-    """A file received into the staging folder, with its size and SHA-256."""
+    """A file received into the staging folder."""
 
     path: Path
     size: int
-    sha256: str
+    #: SHA-256 when the receiver computed it on the fly; None = computed at inspection.
+    sha256: str | None = None
     #: The first bytes of the file when the receiver kept them (saves re-reading the header).
     head: bytes | None = None
 
@@ -80,21 +85,34 @@ def store_instances(
     *,
     expected_study: str | None = None,
     replace: bool = False,
+    inspections: Sequence[Future[Inspection]] | None = None,
 ) -> list[StoreResult]:
     """Store ``files`` into ``partition``; one result per file, in order.
 
+    ``inspections`` are the files' header parses started earlier with :func:`inspect`
+    (a receiver starts each as soon as its part is complete); by default they start now.
     Staging files are always consumed (moved into the lake or deleted).
     """
     check_partition(partition)
     results: list[StoreResult | None] = [None] * len(files)
     parsed: dict[int, ParsedInstance] = {}
+    hashes: list[str] = [""] * len(files)
     try:
-        for i, received in enumerate(files):
+        if inspections is None:
+            inspections = [inspect(archive, received) for received in files]
+        for i, future in enumerate(inspections):
             try:
-                item = read_instance(received.path, received.head)
-            except MedlakeError as exc:
-                results[i] = StoreResult(Outcome.FAILED, error=exc)
+                inspection = future.result()
+            except Exception as exc:  # a worker process died: this file is not stored
+                results[i] = StoreResult(
+                    Outcome.FAILED, error=MedlakeError(f"cannot inspect the file: {exc!r}")
+                )
                 continue
+            hashes[i] = inspection.sha256
+            if inspection.parsed is None:
+                results[i] = StoreResult(Outcome.FAILED, error=inspection.error)
+                continue
+            item = inspection.parsed
             if expected_study is not None and item.study_uid != expected_study:
                 results[i] = _result(
                     item,
@@ -106,11 +124,18 @@ def store_instances(
                 )
                 continue
             parsed[i] = item
-        _store_parsed(archive, files, parsed, results, partition, replace)
+        _store_parsed(archive, files, hashes, parsed, results, partition, replace)
     finally:
         for received in files:
             received.path.unlink(missing_ok=True)
     return [r if r is not None else StoreResult(Outcome.FAILED) for r in results]
+
+
+def inspect(archive: Archive, received: ReceivedFile) -> Future[Inspection]:
+    """Start parsing and hashing ``received`` (in a worker process when configured)."""
+    return submit_inspection(
+        received.path, received.head, received.sha256, archive.settings.parse_workers
+    )
 
 
 def _result(
@@ -129,6 +154,7 @@ def _result(
 def _store_parsed(
     archive: Archive,
     files: Sequence[ReceivedFile],
+    hashes: Sequence[str],
     parsed: dict[int, ParsedInstance],
     results: list[StoreResult | None],
     partition: str,
@@ -155,7 +181,7 @@ def _store_parsed(
                 else {}
             )
             to_write = _plan(
-                archive, files, parsed, results, partition, replace, existing, replaced
+                archive, files, hashes, parsed, results, partition, replace, existing, replaced
             )
             pending = list(to_write.values())
             errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
@@ -193,6 +219,7 @@ def _store_parsed(
 def _plan(
     archive: Archive,
     files: Sequence[ReceivedFile],
+    hashes: Sequence[str],
     parsed: dict[int, ParsedInstance],
     results: list[StoreResult | None],
     partition: str,
@@ -203,11 +230,10 @@ def _plan(
     """What to write: duplicates and conflicts get their result here; the rest are rows."""
     to_write: dict[str, tuple[int, InstanceRow]] = {}
     for i, item in parsed.items():
-        received = files[i]
         old = existing.get(item.sop_uid)
         earlier = to_write.get(item.sop_uid)
-        same_as = old.sha256 if old else (files[earlier[0]].sha256 if earlier else None)
-        if same_as == received.sha256:
+        same_as = old.sha256 if old else (hashes[earlier[0]] if earlier else None)
+        if same_as == hashes[i]:
             results[i] = _result(item, Outcome.DUPLICATE)
             continue
         if same_as is not None and not replace:
@@ -233,6 +259,7 @@ def _plan(
         if old is not None:
             replaced[item.sop_uid] = old.id
         frame_index = item.frame_index
+        key = archive.layout.instance_key(partition, item.study_uid, item.series_uid, item.sop_uid)
         to_write[item.sop_uid] = (
             i,
             InstanceRow(
@@ -240,19 +267,27 @@ def _plan(
                 series_uid=item.series_uid,
                 sop_uid=item.sop_uid,
                 values=item.values,
-                blob_key=archive.layout.instance_key(
-                    partition, item.study_uid, item.series_uid, item.sop_uid
-                ),
-                size=received.size,
-                sha256=received.sha256,
+                blob_key=key,
+                size=files[i].size,
+                sha256=hashes[i],
                 encapsulated=bool(frame_index and frame_index.encapsulated),
                 frames=frame_index.to_json() if frame_index else None,
                 study_extra=item.study_extra,
                 series_extra=item.series_extra,
-                dataset=item.dataset,
+                dataset=item.dataset if item.dataset is not None else _header_loader(archive, key),
             ),
         )
     return to_write
+
+
+def _header_loader(archive: Archive, key: str) -> Callable[[], Dataset]:
+    """Reads the stored header again, for the rare caller that needs the Dataset."""
+
+    def load() -> Dataset:
+        with archive.blobs.open(key) as fh:
+            return pydicom.dcmread(fh, stop_before_pixels=True)
+
+    return load
 
 
 def _discard(archive: Archive, key: str) -> None:
