@@ -229,3 +229,80 @@ operations = Table(
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
 )
+
+# --- ingestion bookkeeping (batches, errors, durable work queue) ----------------------------
+
+#: One ingest run (a folder, an upload, a DIMSE association), with its counts and verdict.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(16), nullable=False),  # ingest | watch | stow | dimse | import
+    Column("partition", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("status", String(12), nullable=False),  # running | paused | completed | failed
+    Column("seen", Integer, nullable=False, default=0),
+    Column("stored", Integer, nullable=False, default=0),
+    Column("duplicates", Integer, nullable=False, default=0),
+    Column("rejected", Integer, nullable=False, default=0),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("verdict", String(12)),  # balanced | mismatch (reconciliation)
+    Column("detail", Text),  # JSON: options, differences found by reconciliation
+    Column("started_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("finished_at", TS),
+    Index(None, "started_at"),
+)
+
+#: Every rejected or warned file, with the rule that caught it. Never deleted with a batch.
+ingest_errors = Table(
+    "ingest_errors",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("rule", String(64), nullable=False),
+    Column("severity", String(8), nullable=False),  # reject | warn
+    Column("message", Text, nullable=False),
+    Column("sop_uid", UID),
+    Column("kept_at", Text),  # where the rejected file was set aside
+    Column("created_at", TS, nullable=False),
+    Index(None, "batch_id"),
+)
+
+#: Durable queue of files to ingest (SQLite: one writer; PostgreSQL: FOR UPDATE SKIP LOCKED).
+work_queue = Table(
+    "work_queue",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("size", BigInteger),
+    Column("status", String(10), nullable=False),  # pending | claimed | done
+    Column("outcome", String(10)),  # stored | duplicate | rejected | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_by", String(64)),
+    Column("claimed_at", TS),
+    Column("finished_at", TS),
+    Column("sop_uid", UID),
+    UniqueConstraint("batch_id", "source"),
+    Index(None, "batch_id", "status"),
+)
+
+# --- DICOM network peers ------------------------------------------------------------------
+
+#: Known Application Entities: destinations for C-MOVE / send, and the calling-AE
+#: allow-list with the partition each calling AE writes into.
+application_entities = Table(
+    "application_entities",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("ae_title", String(16), nullable=False, unique=True),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("partition", String(64)),  # where its C-STOREs go; None = default partition
+    Column("allow_store", Boolean, nullable=False, default=True),
+    Column("allow_query", Boolean, nullable=False, default=True),
+    Column("description", Text),
+    Column("created_at", TS, nullable=False),
+)
