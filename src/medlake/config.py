@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +80,97 @@ class Settings(BaseSettings):
         default=128,
         description="Most extended query tags the archive may define "
         "(they apply to every partition).",
+    )
+    ingest_workers: int = Field(
+        default=0,
+        description="Worker processes of `medlake ingest` / `watch` that copy, hash and parse "
+        "files; 0 = one per CPU core (`--workers` overrides it).",
+    )
+    ingest_chunk_files: int = Field(
+        default=200,
+        description="Files claimed from the work queue and committed to the index in one "
+        "transaction by `medlake ingest` / `watch`.",
+    )
+    ingest_link_files: bool = Field(
+        default=False,
+        description="Hard-link local source files into the lake instead of copying them, when "
+        "they are on the lake's filesystem (faster; the lake file then shares its bytes "
+        "with the source, so rewriting the source in place changes the lake).",
+    )
+    ingest_rules: dict[str, Literal["ignore", "warn", "reject"]] = Field(
+        default_factory=dict,
+        description="Severity of each ingest validation rule, over the defaults: file_size, "
+        "dicom_part10, required_uids (always reject), patient_id (warn), transfer_syntax, "
+        "sop_class, clinical_schema (reject). TOML table or JSON.",
+    )
+    ingest_allowed_sop_classes: list[str] = Field(
+        default_factory=list,
+        description="SOP Class UIDs the sop_class rule lets in; empty = every SOP Class.",
+    )
+    ingest_transfer_syntaxes: list[str] = Field(
+        default_factory=list,
+        description="Transfer Syntax UIDs the transfer_syntax rule lets in; empty = every "
+        "transfer syntax pydicom knows (the standard ones).",
+    )
+    ingest_pause_rejection_rate: float = Field(
+        default=0.5,
+        description="A bulk or drop-zone batch pauses when more than this share of its files "
+        "was rejected (since it started or was last resumed); 1.0 = never pause.",
+    )
+    ingest_pause_min_files: int = Field(
+        default=50,
+        description="Files a batch must have seen (since it started or was resumed) before "
+        "its rejection rate can pause it.",
+    )
+    ingest_keep_rejected: bool = Field(
+        default=True,
+        description="Keep a copy of every rejected file in {data}/rejected/{batch}/ "
+        "(STOW-RS and C-STORE too); rejected files are never deleted by medlake.",
+    )
+    ingest_claim_timeout: float = Field(
+        default=900.0,
+        description="Seconds after which a work-queue item claimed by a worker that has not "
+        "finished it may be claimed again (a worker on this host that died is noticed "
+        "at once).",
+    )
+    ingest_source_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for fsspec ingest sources and drop zones "
+        "(s3://bucket/prefix); JSON in MEDLAKE_INGEST_SOURCE_OPTIONS.",
+    )
+    dropzone: str | None = Field(
+        default=None,
+        description="Folder or fsspec URL that `medlake serve` watches: files landing there "
+        "are ingested (as `medlake watch` does).",
+    )
+    dropzone_partition: str = Field(
+        default="default", description="Partition the drop zone's DICOM files are stored into."
+    )
+    dropzone_after: Literal["keep", "move", "delete"] = Field(
+        default="move",
+        description="What happens to a drop-zone file once ingested: move it to processed/ "
+        "or rejected/ inside the drop zone, keep it in place, or delete it (rejected files "
+        "are still copied to {data}/rejected/).",
+    )
+    dropzone_interval: float = Field(
+        default=2.0,
+        description="Seconds between scans of the drop zone; a file is taken once its size "
+        "and modification time did not change between two scans.",
+    )
+    dropzone_batch_quiet_seconds: float = Field(
+        default=10.0,
+        description="A drop-zone batch is closed (reconciled, cleaned up) once no file has "
+        "landed for this many seconds; the next file opens a new batch.",
+    )
+    clinical_patient_columns: list[str] = Field(
+        default_factory=lambda: ["patient_id", "PatientID", "patient", "mrn", "subject_id"],
+        description="CSV columns that hold the patient identifier linking clinical rows to "
+        "imaging (the first one present is used).",
+    )
+    clinical_required_columns: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Columns (CSV) or fields (NDJSON) each clinical table must have, by table "
+        "name (CSV: the file name up to its first dot; NDJSON: the resourceType).",
     )
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
     ohif_dist: Path | None = Field(

@@ -38,6 +38,27 @@ class MissingAttribute(InvalidDicom):
     dicom_reason = 0xA900  # Data set does not match SOP class
 
 
+class Rejected(InvalidDicom):
+    """An ingest validation rule set to ``reject`` refused the instance or file.
+
+    ``rule`` names the rule (``patient_id``, ``sop_class``, ...); the message says
+    what was wrong and ends with the rule's name, so a user can find its setting.
+    """
+
+    dicom_reason = 0xA900  # Data set does not match SOP class
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{message} [rule {rule}]")
+        self.rule = rule
+        self.reason = message
+
+
+class SopClassNotAllowed(Rejected):
+    """The SOP Class is not in the configured list of allowed SOP Classes."""
+
+    dicom_reason = 0x0122  # SOP Class not supported
+
+
 class StudyMismatch(InvalidDicom):
     """The instance's StudyInstanceUID differs from the one in the request URL."""
 
@@ -94,6 +115,20 @@ class DatabaseUnavailable(MedlakeError):
     dicom_reason = 0xA700
 
 
+class Unreadable(MedlakeError):
+    """A source file of an ingest could not be read: permissions, not a regular file
+    (a FIFO, a dangling link), vanished, or an I/O error."""
+
+    http_status = 400
+
+
+class InvalidState(MedlakeError):
+    """The object is not in a state that allows the request (e.g. resuming a batch
+    that is not paused)."""
+
+    http_status = 409
+
+
 class LimitExceeded(MedlakeError):
     """A configured maximum (e.g. 128 extended query tags) would be exceeded."""
 
@@ -105,14 +140,18 @@ __all__ = [
     "DatabaseUnavailable",
     "InvalidDicom",
     "InvalidInput",
+    "InvalidState",
     "LimitExceeded",
     "MedlakeError",
     "MissingAttribute",
     "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
+    "Rejected",
+    "SopClassNotAllowed",
     "StorageError",
     "StudyMismatch",
     "UnknownAttribute",
+    "Unreadable",
     "UnsupportedMediaType",
 ]

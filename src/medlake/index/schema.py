@@ -125,10 +125,14 @@ instances = Table(
     Column("tier", String(8), nullable=False, default="hot"),
     Column("last_accessed_at", TS, nullable=False),
     Column("created_at", TS, nullable=False),
+    #: The ingest batch that stored this version of the instance (reconciliation counts
+    #: its rows); no foreign key, so a store pays no lookup (batch rows are never deleted).
+    Column("batch_id", String(36)),
     UniqueConstraint("partition_id", "sop_uid"),
     Index(None, "series_id", "instance_number"),
     Index(None, "study_id"),
     Index(None, "tier", "last_accessed_at"),
+    Index(None, "batch_id"),
 )
 
 #: Flat, denormalised copy of the common attributes of each instance, for analytics.
@@ -287,6 +291,40 @@ work_queue = Table(
     Column("sop_uid", UID),
     UniqueConstraint("batch_id", "source"),
     Index(None, "batch_id", "status"),
+)
+
+# --- clinical staging (CSV / NDJSON files, one table or resource type per file) --------------
+
+#: One clinical file taken in: its bytes are kept in the lake, its records in clinical_rows.
+clinical_files = Table(
+    "clinical_files",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", String(36), nullable=False),
+    Column("partition", String(64), nullable=False),
+    Column("table_name", String(64), nullable=False),  # CSV: from the file name; NDJSON: type
+    Column("format", String(8), nullable=False),  # csv | ndjson
+    Column("source", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("blob_key", String(512), nullable=False),
+    Column("created_at", TS, nullable=False),
+    UniqueConstraint("partition", "table_name", "sha256"),
+    Index(None, "batch_id"),
+)
+
+#: Staged clinical records (one per CSV row / NDJSON line), linked by patient identifier.
+clinical_rows = Table(
+    "clinical_rows",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("file_id", ForeignKey("clinical_files.id", ondelete="CASCADE"), nullable=False),
+    Column("row_number", Integer, nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("data", Text, nullable=False),  # JSON object: column -> value, or the resource
+    Index(None, "file_id"),
+    Index(None, "patient_id"),
 )
 
 # --- DICOM network peers ------------------------------------------------------------------

@@ -12,6 +12,8 @@ from sqlalchemy import Engine
 from medlake.config import Settings
 from medlake.index.database import open_index
 from medlake.index.writes import partition_id
+from medlake.ingest.events import EventHub
+from medlake.ingest.validation import RuleConfig
 from medlake.storage import BlobStore, LakeLayout, open_blob_store
 from medlake.types import DEFAULT_PARTITION
 
@@ -26,12 +28,17 @@ class Archive:
     layout: LakeLayout
     #: Held while a batch is checked against the index, moved into the lake and indexed.
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Ingest events (instances stored, batches finished) for whoever subscribes.
+    events: EventHub = field(default_factory=EventHub)
+    #: The validation rules every received file is judged by (from the settings).
+    rules: RuleConfig = field(default_factory=RuleConfig)
 
     @classmethod
     def open(cls, settings: Settings) -> Archive:
         """Open (and, on first use, create) the lake and the index of ``settings``,
         with its ``default`` partition."""
         settings.data.mkdir(parents=True, exist_ok=True)
+        rules = RuleConfig.from_settings(settings)  # a bad rule setting fails before anything opens
         engine = open_index(settings.resolved_database_url)
         with engine.begin() as conn:
             # The default partition always exists, so searching an empty archive finds
@@ -42,7 +49,8 @@ class Archive:
             storage_options=settings.storage_options,
             fsync=settings.fsync,
         )
-        return cls(settings, engine, blobs, LakeLayout(settings.workspace, settings.dicom_service))
+        layout = LakeLayout(settings.workspace, settings.dicom_service)
+        return cls(settings, engine, blobs, layout, rules=rules)
 
     @property
     def staging_dir(self) -> Path:
@@ -50,6 +58,11 @@ class Archive:
         path = self.settings.data / "staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def rejected_dir(self) -> Path:
+        """Local folder where rejected files are kept aside, one subfolder per batch."""
+        return self.settings.data / "rejected"
 
     def close(self) -> None:
         """Release database connections."""

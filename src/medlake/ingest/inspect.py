@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import hashlib
 import multiprocessing
+import os
+import stat
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from medlake.dicom.parse import ParsedInstance, read_instance
-from medlake.errors import MedlakeError
+from medlake.errors import MedlakeError, StorageError, Unreadable
 
 _HASH_CHUNK = 1 << 20
+#: Bytes of a file kept in memory for the header parse (as the STOW receiver keeps).
+HEAD_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Inspection:
     sha256: str
     parsed: ParsedInstance | None
     error: MedlakeError | None = None
+    #: Size in bytes, when the inspection staged the file itself (bulk ingest).
+    size: int | None = None
 
 
 def inspect_file(
@@ -88,4 +96,169 @@ def submit_inspection(
         return _pool(workers).submit(_inspect_in_worker, path, head, sha256)
     done: Future[Inspection] = Future()
     done.set_result(inspect_file(path, head, sha256, keep_dataset=True))
+    return done
+
+
+# --- bulk ingest: copy (or link) a source into staging, hashing it, then inspect it -----------
+
+
+def stage_and_inspect(
+    location: str,
+    target: Path,
+    *,
+    link: bool,
+    parse: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> Inspection:
+    """Copy the source at ``location`` (a local path or an fsspec URL) to ``target``,
+    hashing it on the way, then parse its header when ``parse``.
+
+    With ``link``, a local source is hard-linked instead of copied when it is on the
+    same filesystem (and read once for the hash). A source that cannot be read (no
+    permission, not a regular file, gone) gives an :class:`Unreadable` error; a
+    staging write that fails gives a :class:`StorageError`; nothing is left at
+    ``target`` after a failure.
+    """
+    try:
+        if "://" in location and not location.startswith("file://"):
+            size, sha256, head = _copy_url(location, target, storage_options or {})
+        else:
+            size, sha256, head = _copy_local(location.removeprefix("file://"), target, link)
+    except MedlakeError as exc:
+        target.unlink(missing_ok=True)
+        return Inspection("", None, exc)
+    if not parse:
+        return Inspection(sha256, None, None, size)
+    try:
+        parsed = read_instance(target, head)
+    except MedlakeError as exc:
+        return Inspection(sha256, None, exc, size)
+    return Inspection(sha256, dataclasses.replace(parsed, dataset=None), None, size)
+
+
+def _copy_local(path: str, target: Path, link: bool) -> tuple[int, str, bytes]:
+    try:
+        # O_NONBLOCK: opening a FIFO must not hang the worker (it is refused just below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise Unreadable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb", buffering=0) as src:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise Unreadable(f"cannot read {path}: not a regular file ({_file_kind(mode)})")
+        if link and _try_link(path, target):
+            return _hash_file(src, path)
+        return _copy_stream(src, target, path)
+
+
+def _try_link(path: str, target: Path) -> bool:
+    try:
+        os.link(path, target)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False  # another filesystem (or no links there): copy instead
+        raise StorageError(f"cannot link {path} into staging: {exc.strerror or exc}") from exc
+
+
+def _hash_file(src: BinaryIO, path: str) -> tuple[int, str, bytes]:
+    digest = hashlib.sha256()
+    head = b""
+    size = 0
+    try:
+        while chunk := src.read(_HASH_CHUNK):
+            if not head:
+                head = chunk[:HEAD_BYTES]
+            digest.update(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise Unreadable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return size, digest.hexdigest(), head
+
+
+def _copy_stream(src: BinaryIO, target: Path, name: str) -> tuple[int, str, bytes]:
+    digest = hashlib.sha256()
+    head = b""
+    size = 0
+    try:
+        dst = target.open("wb")
+    except OSError as exc:
+        raise StorageError(f"cannot write staging file {target}: {exc.strerror or exc}") from exc
+    with dst:
+        while True:
+            try:
+                chunk = src.read(_HASH_CHUNK)
+            except OSError as exc:
+                raise Unreadable(f"cannot read {name}: {exc.strerror or exc}") from exc
+            if not chunk:
+                break
+            if not head:
+                head = chunk[:HEAD_BYTES]
+            digest.update(chunk)
+            size += len(chunk)
+            try:
+                dst.write(chunk)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot write staging file {target}: {exc.strerror or exc}"
+                ) from exc
+    return size, digest.hexdigest(), head
+
+
+def _copy_url(url: str, target: Path, options: dict[str, Any]) -> tuple[int, str, bytes]:
+    import fsspec
+
+    try:
+        opened = fsspec.open(url, "rb", **options).open()
+    except Exception as exc:  # fsspec backends raise their own error types
+        raise Unreadable(f"cannot read {url}: {exc}") from exc
+    with opened as src:
+        return _copy_stream(src, target, url)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def _stage_in_worker(
+    location: str,
+    target: Path,
+    link: bool,
+    parse: bool,
+    storage_options: dict[str, Any] | None,
+) -> Inspection:
+    return stage_and_inspect(
+        location, target, link=link, parse=parse, storage_options=storage_options
+    )
+
+
+def submit_staging(
+    location: str,
+    target: Path,
+    *,
+    link: bool,
+    parse: bool,
+    storage_options: dict[str, Any] | None,
+    workers: int,
+) -> Future[Inspection]:
+    """:func:`stage_and_inspect` in one of ``workers`` processes (0 = right here)."""
+    if workers > 0:
+        return _pool(workers).submit(
+            _stage_in_worker, location, target, link, parse, storage_options
+        )
+    done: Future[Inspection] = Future()
+    done.set_result(
+        stage_and_inspect(
+            location, target, link=link, parse=parse, storage_options=storage_options
+        )
+    )
     return done
