@@ -28,7 +28,9 @@ from medlake.dicomweb.delete import delete as delete_service
 from medlake.dicomweb.locate import StoredInstance
 from medlake.dicomweb.search import run_search
 from medlake.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
+from medlake.ingest.batches import BatchKind, request_ledger
 from medlake.ingest.inspect import Inspection
 from medlake.ingest.store import ReceivedFile, inspect, store_instances
 from medlake.types import DEFAULT_PARTITION, check_partition, check_uid
@@ -151,7 +153,14 @@ async def _stow(
     choose(accept, [DICOM_JSON, "application/json"], "the STOW-RS response")
     if study is not None:
         check_uid(study, "StudyInstanceUID")
+    started = utcnow()
     received = await _receive(request, archive)
+    # One batch per request: its counts and error rows commit with its instances.
+    client = request.client.host if request.client else "unknown client"
+    ledger = request_ledger(
+        BatchKind.STOW, partition, f"STOW-RS {request.method} {request.url.path} from {client}",
+        len(received), started,
+    )  # fmt: skip
     results = await run_in_threadpool(
         store_instances,
         archive,
@@ -160,9 +169,12 @@ async def _stow(
         expected_study=study,
         replace=replace,
         inspections=[future for _, future in received],
+        ledger=ledger,
     )
     status, body, warning = stow_response(results, base_url(request, partition))
-    headers = {"Warning": warning} if warning else {}
+    headers = {"X-Medlake-Batch": ledger.batch_id}
+    if warning:
+        headers["Warning"] = warning
     return Response(orjson.dumps(body), status, headers=headers, media_type=DICOM_JSON)
 
 

@@ -61,11 +61,15 @@ def find_instances(
         )
         .join(series, series.c.id == instances.c.series_id)
         .join(studies, studies.c.id == instances.c.study_id)
-        .where(instances.c.partition_id == part, studies.c.study_uid == study_uid)
+        .where(
+            instances.c.partition_id == part,
+            studies.c.partition_id == part,
+            studies.c.study_uid == study_uid,
+        )
         .order_by(series.c.series_number, series.c.id, instances.c.instance_number, instances.c.id)
     )  # fmt: skip
     if series_uid is not None:
-        query = query.where(series.c.series_uid == series_uid)
+        query = query.where(series.c.series_uid == series_uid, series.c.partition_id == part)
     if sop_uid is not None:
         query = query.where(instances.c.sop_uid == sop_uid)
     found = [StoredInstance(**row._mapping) for row in conn.execute(query)]

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from medlake.config import Settings
 from medlake.dicomweb.metadata import build_series_metadata, stale_series
 from medlake.errors import MedlakeError
+from medlake.index.statistics import refresh_statistics
 from medlake.ingest.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,14 @@ class MetadataRefresher:
 
     def _run(self) -> None:
         quiet = self._archive.settings.metadata_refresh_quiet_seconds
+        passes = 0
         while not self._stop.wait(self._interval):
+            passes += 1
+            if passes % 30 == 0:  # about once a minute: planner statistics follow growth
+                try:
+                    refresh_statistics(self._archive.engine)
+                except Exception:
+                    log.exception("refreshing planner statistics failed")
             try:
                 todo = stale_series(self._archive, quiet)
                 futures: list[Future[int]] = [

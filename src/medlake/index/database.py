@@ -12,6 +12,7 @@ from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import OperationalError
 
 from medlake.errors import DatabaseUnavailable
+from medlake.index.statistics import refresh_statistics
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -60,4 +61,5 @@ def open_index(url: str) -> Engine:
     """Create the engine for ``url`` and migrate its schema to the newest version."""
     engine = create_index_engine(url)
     migrate(engine)
+    refresh_statistics(engine)
     return engine

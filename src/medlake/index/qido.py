@@ -116,10 +116,12 @@ def build_select(query: QidoQuery) -> Select[Any]:
     ).select_from(_level_from(query.level))
     part = select(partitions.c.id).where(partitions.c.name == query.partition).scalar_subquery()
     stmt = stmt.where(_key_table(query.level).c.partition_id == part)
+    # The partition filter on the scoping table lets its unique (partition, UID) index find
+    # the one study / series; without it SQLite walks the partition (scale benchmark).
     if query.study_uid:
-        stmt = stmt.where(studies.c.study_uid == query.study_uid)
+        stmt = stmt.where(studies.c.study_uid == query.study_uid, studies.c.partition_id == part)
     if query.series_uid:
-        stmt = stmt.where(series.c.series_uid == query.series_uid)
+        stmt = stmt.where(series.c.series_uid == query.series_uid, series.c.partition_id == part)
     for attr, value in query.filters:
         if _level_rank(attr.level) > _level_rank(query.level):
             raise InvalidInput(

@@ -185,6 +185,23 @@ def new_batch_id() -> str:
     return str(uuid.uuid4())
 
 
+def request_ledger(
+    kind: BatchKind,
+    partition: str,
+    source: str,
+    count: int,
+    started_at: dt.datetime | None = None,
+) -> BatchLedger:
+    """A ledger for one request of ``count`` files that is its own batch (STOW-RS: one
+    batch per request). Its files are named ``part 1`` … ``part N`` in error rows."""
+    batch_id = new_batch_id()
+    return BatchLedger(
+        batch_id,
+        sources=[f"part {i}" for i in range(1, count + 1)],
+        new_batch=NewBatch(batch_id, kind, partition, source, started_at or utcnow()),
+    )
+
+
 def _batch(row: RowMapping) -> Batch:
     return Batch(
         id=row["id"],
@@ -513,6 +530,7 @@ __all__ = [
     "new_batch_id",
     "pause_if_rejecting",
     "record_files",
+    "request_ledger",
     "resume_batch",
     "update_detail",
 ]

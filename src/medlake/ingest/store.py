@@ -1,28 +1,39 @@
 """Storing received DICOM files: validate, move into the lake, index, in batches.
 
 STOW-RS, C-STORE and bulk ingest all end here, so the same rules apply to each:
-a file that fails leaves nothing behind (no blob, no row); the same SOP Instance
+every file is judged by the validation rules (:mod:`medlake.ingest.validation`);
+a file that fails leaves nothing behind in the lake or the index (it is set aside
+in ``{data}/rejected/`` and gets an ``ingest_errors`` row); the same SOP Instance
 stored twice with the same bytes is a no-op; with different bytes it is a
 conflict unless the caller asked to replace it.
+
+With a :class:`~medlake.ingest.batches.BatchLedger`, the batch counts, error rows
+and work-queue outcomes are written in the same transaction as the instances: no
+extra round trip per instance, and no count that a crash could make wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from medlake.dicom.parse import ParsedInstance
 from medlake.errors import (
     Conflict,
     DatabaseUnavailable,
+    InvalidDicom,
     MedlakeError,
     StorageError,
     StudyMismatch,
@@ -36,8 +47,20 @@ from medlake.index.writes import (
     write_instances,
 )
 from medlake.ingest.archive import Archive
+from medlake.ingest.batches import BatchLedger, FileOutcome, FileRecord, record_files
+from medlake.ingest.events import InstancesStored
 from medlake.ingest.inspect import Inspection, submit_inspection
+from medlake.ingest.validation import (
+    Finding,
+    Severity,
+    failure_finding,
+    findings_for_error,
+    rejection,
+    validate_instance,
+)
 from medlake.types import check_partition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,11 +94,25 @@ class StoreResult:
     study_uid: str | None = None
     series_uid: str | None = None
     error: MedlakeError | None = None
+    #: Findings of the validation rules: warnings of a stored file, the rejection of another.
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """Whether the instance is in the archive after this call."""
         return self.outcome is not Outcome.FAILED
+
+    @property
+    def file_outcome(self) -> FileOutcome:
+        """The outcome as batches count it: a data problem is ``rejected`` (kept aside),
+        a failure of the source, lake or index is ``failed`` (a retry may succeed)."""
+        if self.outcome is Outcome.DUPLICATE:
+            return FileOutcome.DUPLICATE
+        if self.ok:
+            return FileOutcome.STORED
+        if isinstance(self.error, InvalidDicom | Conflict):
+            return FileOutcome.REJECTED
+        return FileOutcome.FAILED
 
 
 def store_instances(
@@ -86,16 +123,21 @@ def store_instances(
     expected_study: str | None = None,
     replace: bool = False,
     inspections: Sequence[Future[Inspection]] | None = None,
+    ledger: BatchLedger | None = None,
 ) -> list[StoreResult]:
     """Store ``files`` into ``partition``; one result per file, in order.
 
     ``inspections`` are the files' header parses started earlier with :func:`inspect`
     (a receiver starts each as soon as its part is complete); by default they start now.
-    Staging files are always consumed (moved into the lake or deleted).
+    Each parsed file is judged by ``archive.rules``. With ``ledger``, the outcomes are
+    recorded in the batch (counts, ``ingest_errors`` rows, work-queue items) in the
+    transaction that stores the instances, and rejected files are kept aside.
+    Staging files are always consumed (moved into the lake, kept aside or deleted).
     """
     check_partition(partition)
     results: list[StoreResult | None] = [None] * len(files)
     parsed: dict[int, ParsedInstance] = {}
+    warnings: dict[int, list[Finding]] = {}
     hashes: list[str] = [""] * len(files)
     try:
         if inspections is None:
@@ -110,9 +152,14 @@ def store_instances(
                 continue
             hashes[i] = inspection.sha256
             if inspection.parsed is None:
-                results[i] = StoreResult(Outcome.FAILED, error=inspection.error)
+                results[i] = _unparsed(archive, inspection, files[i].size)
                 continue
             item = inspection.parsed
+            findings = validate_instance(item, archive.rules)
+            refused = rejection(findings)
+            if refused is not None:
+                results[i] = _result(item, Outcome.FAILED, refused, findings)
+                continue
             if expected_study is not None and item.study_uid != expected_study:
                 results[i] = _result(
                     item,
@@ -124,11 +171,30 @@ def store_instances(
                 )
                 continue
             parsed[i] = item
-        _store_parsed(archive, files, hashes, parsed, results, partition, replace)
+            warnings[i] = findings
+        _store_parsed(
+            archive, files, hashes, parsed, warnings, results, partition, replace, ledger
+        )
     finally:
         for received in files:
             received.path.unlink(missing_ok=True)
-    return [r if r is not None else StoreResult(Outcome.FAILED) for r in results]
+    final = [r if r is not None else StoreResult(Outcome.FAILED) for r in results]
+    if archive.events.listening:
+        stored = [r.sop_uid for r in final if r.outcome in (Outcome.STORED, Outcome.REPLACED)]
+        if stored:
+            batch_id = ledger.batch_id if ledger else None
+            archive.events.emit(InstancesStored(partition, batch_id, [u for u in stored if u]))
+    return final
+
+
+def _unparsed(archive: Archive, inspection: Inspection, size: int) -> StoreResult:
+    """The result of a file whose header could not be read (or that could not be read)."""
+    error = inspection.error or MedlakeError("the file could not be inspected")
+    findings = findings_for_error(error, size, archive.rules)
+    refused = rejection(findings)
+    if refused is not None and refused.rule == "file_size":
+        error = refused
+    return StoreResult(Outcome.FAILED, error=error, findings=findings)
 
 
 def inspect(archive: Archive, received: ReceivedFile) -> Future[Inspection]:
@@ -139,7 +205,10 @@ def inspect(archive: Archive, received: ReceivedFile) -> Future[Inspection]:
 
 
 def _result(
-    item: ParsedInstance, outcome: Outcome, error: MedlakeError | None = None
+    item: ParsedInstance,
+    outcome: Outcome,
+    error: MedlakeError | None = None,
+    findings: list[Finding] | None = None,
 ) -> StoreResult:
     return StoreResult(
         outcome,
@@ -148,6 +217,7 @@ def _result(
         study_uid=item.study_uid,
         series_uid=item.series_uid,
         error=error,
+        findings=findings or [],
     )
 
 
@@ -156,9 +226,11 @@ def _store_parsed(
     files: Sequence[ReceivedFile],
     hashes: Sequence[str],
     parsed: dict[int, ParsedInstance],
+    warnings: dict[int, list[Finding]],
     results: list[StoreResult | None],
     partition: str,
     replace: bool,
+    ledger: BatchLedger | None,
 ) -> None:
     """Decide, move and index under the archive's write lock, in one transaction.
 
@@ -167,37 +239,48 @@ def _store_parsed(
     "store it" one step: two requests carrying the same new instance cannot both
     move a file onto the same key.
     """
-    if not parsed:
+    if not parsed and ledger is None:
         return
     moved: list[tuple[int, InstanceRow]] = []
     replaced: dict[str, int] = {}
     try:
         with archive.write_lock, archive.engine.begin() as conn:
-            lock_instances(conn, partition, [p.sop_uid for p in parsed.values()])
-            part = partition_id(conn, partition, create=False)
-            existing = (
-                find_existing(conn, part, (p.sop_uid for p in parsed.values()))
-                if part is not None
-                else {}
-            )
-            to_write = _plan(
-                archive, files, hashes, parsed, results, partition, replace, existing, replaced
-            )
-            pending = list(to_write.values())
-            errors = archive.blobs.put_files([(row.blob_key, files[i].path) for i, row in pending])
-            for (i, row), error in zip(pending, errors, strict=True):
-                if error is None:
-                    moved.append((i, row))
-                else:
-                    failure = error if isinstance(error, MedlakeError) else StorageError(str(error))
-                    results[i] = _result(parsed[i], Outcome.FAILED, failure)
-            moved_uids = {row.sop_uid for _, row in moved}
-            write_instances(
-                conn,
-                partition,
-                [row for _, row in moved],
-                {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
-            )
+            if parsed:
+                lock_instances(conn, partition, [p.sop_uid for p in parsed.values()])
+                part = partition_id(conn, partition, create=False)
+                existing = (
+                    find_existing(conn, part, (p.sop_uid for p in parsed.values()))
+                    if part is not None
+                    else {}
+                )
+                to_write = _plan(
+                    archive, files, hashes, parsed, results, partition, replace, existing,
+                    replaced, ledger.batch_id if ledger else None,
+                )  # fmt: skip
+                pending = list(to_write.values())
+                errors = archive.blobs.put_files(
+                    [(row.blob_key, files[i].path) for i, row in pending]
+                )
+                for (i, row), error in zip(pending, errors, strict=True):
+                    if error is None:
+                        moved.append((i, row))
+                    else:
+                        failure = (
+                            error if isinstance(error, MedlakeError) else StorageError(str(error))
+                        )
+                        results[i] = _result(parsed[i], Outcome.FAILED, failure)
+                moved_uids = {row.sop_uid for _, row in moved}
+                write_instances(
+                    conn,
+                    partition,
+                    [row for _, row in moved],
+                    {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
+                )
+                for i, row in moved:
+                    outcome = Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED
+                    results[i] = _result(parsed[i], outcome, None, warnings.get(i))
+            if ledger is not None:
+                _record(archive, conn, ledger, files, results)
     except SQLAlchemyError as exc:
         # The transaction rolled back: files moved for new instances go again (no orphans).
         cause = getattr(exc, "orig", None) or exc
@@ -209,11 +292,86 @@ def _store_parsed(
             current = results[i]
             if current is None or current.ok:
                 results[i] = _result(parsed[i], Outcome.FAILED, error)
+        if ledger is not None:
+            _record_after_failure(archive, ledger, files, results)
         return
-    for i, row in moved:
-        results[i] = _result(
-            parsed[i], Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED
+    for i, item in parsed.items():
+        if results[i] is None:  # cannot happen: every parsed file got an outcome above
+            results[i] = _result(item, Outcome.FAILED, MedlakeError("no outcome"))
+
+
+def _record(
+    archive: Archive,
+    conn: Connection,
+    ledger: BatchLedger,
+    files: Sequence[ReceivedFile],
+    results: Sequence[StoreResult | None],
+) -> None:
+    """Write every file's outcome into the ledger's batch (caller's transaction)."""
+    records = []
+    for i, result in enumerate(results):
+        if result is None:
+            result = StoreResult(Outcome.FAILED, error=MedlakeError("no outcome"))
+        outcome = result.file_outcome
+        findings = [f for f in result.findings if f.severity is Severity.WARN]
+        kept_at = None
+        if result.error is not None:
+            findings.append(
+                failure_finding(result.error, rejected=outcome is FileOutcome.REJECTED)
+            )
+            if outcome is FileOutcome.REJECTED:
+                kept_at = _keep_aside(archive, ledger, i, files[i])
+        records.append(
+            FileRecord(
+                source=ledger.sources[i],
+                outcome=outcome,
+                size=files[i].size,
+                sop_uid=result.sop_uid,
+                findings=findings,
+                kept_at=kept_at,
+                queue_id=ledger.queue_ids[i] if ledger.queue_ids is not None else None,
+            )
         )
+    record_files(conn, ledger, records)
+
+
+def _record_after_failure(
+    archive: Archive,
+    ledger: BatchLedger,
+    files: Sequence[ReceivedFile],
+    results: Sequence[StoreResult | None],
+) -> None:
+    """After the store transaction failed, record the failures in a new one (the index
+    may be back); when that fails too, the outcomes stay unrecorded (``ledger.counts``
+    None) and queued files stay claimed, so a later run takes them again."""
+    try:
+        with archive.write_lock, archive.engine.begin() as conn:
+            _record(archive, conn, ledger, files, results)
+    except SQLAlchemyError as exc:
+        ledger.counts = None
+        log.error("could not record the outcomes of batch %s: %s", ledger.batch_id, exc)
+
+
+def _keep_aside(archive: Archive, ledger: BatchLedger, i: int, received: ReceivedFile) -> str | None:
+    """Move a rejected staging file to ``{data}/rejected/{batch}/``; its new path, or None
+    when it is not kept (disabled, or the file is gone)."""
+    if not archive.settings.ingest_keep_rejected or not received.path.exists():
+        return None
+    queue_id = ledger.queue_ids[i] if ledger.queue_ids is not None else None
+    name = os.path.basename(ledger.sources[i].rstrip("/").split("!")[-1]) or "file"
+    prefix = f"{queue_id}" if queue_id is not None else f"{i + 1}"
+    folder = archive.rejected_dir / ledger.batch_id
+    target = folder / f"{prefix}-{name}"[:200]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(received.path, target)
+        except OSError:
+            shutil.copyfile(received.path, target)  # staging on another filesystem
+    except OSError as exc:
+        log.warning("could not keep rejected file %s aside: %s", ledger.sources[i], exc)
+        return None
+    return str(target)
 
 
 def _plan(
@@ -226,6 +384,7 @@ def _plan(
     replace: bool,
     existing: dict[str, ExistingInstance],
     replaced: dict[str, int],
+    batch_id: str | None,
 ) -> dict[str, tuple[int, InstanceRow]]:
     """What to write: duplicates and conflicts get their result here; the rest are rows."""
     to_write: dict[str, tuple[int, InstanceRow]] = {}
@@ -275,6 +434,7 @@ def _plan(
                 study_extra=item.study_extra,
                 series_extra=item.series_extra,
                 dataset=item.dataset if item.dataset is not None else _header_loader(archive, key),
+                batch_id=batch_id,
             ),
         )
     return to_write
