@@ -102,10 +102,7 @@ With nothing configured, everything lives in one folder (`data`):
 
 #: Options the code does not read yet, because the feature they configure is not built.
 #: tests/test_docs.py fails as soon as one of them is used, so this list stays true.
-NOT_USED_YET: dict[str, str] = {
-    "dimse_port": "DIMSE (C-STORE/C-FIND/C-MOVE/C-GET) is not built yet; nothing listens on it.",
-    "ae_title": "DIMSE is not built yet; no association uses it.",
-}
+NOT_USED_YET: dict[str, str] = {}
 
 #: Facts about an option that its one-line description leaves out.
 NOTES: dict[str, str] = {
@@ -116,6 +113,10 @@ NOTES: dict[str, str] = {
     "storage_options": "Used only for fsspec URLs; a local-folder lake ignores it. "
     "medlake adds `use_listings_cache=false` unless you set it.",
     "fsync": "Local-folder lakes only: object stores make a PUT durable themselves.",
+    "dimse_require_known_ae": "An unregistered calling AE is then refused with A-ASSOCIATE-RJ "
+    "result 1 (rejected-permanent), source 1, reason 3 (calling AE title not recognised). "
+    "The DIMSE port listens on `host` (127.0.0.1) unless `dimse_host` says otherwise, so "
+    "the open default only admits local clients.",
     "workspace": "Changing it (or `dicom_service`) on an existing archive moves no files: "
     "the index keeps the key each instance was written under, and new instances go "
     "under the new prefix.",

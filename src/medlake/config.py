@@ -27,8 +27,40 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Interface the HTTP server listens on.")
     http_port: int = Field(default=8042, description="HTTP port: /dicomweb, /changefeed, /healthz.")
-    dimse_port: int = Field(default=11112, description="DICOM (DIMSE) port; 0 disables it.")
-    ae_title: str = Field(default="MEDLAKE", description="Our DICOM Application Entity title.")
+    dimse_port: int = Field(
+        default=11112,
+        description="DICOM (DIMSE) port of `medlake serve` and `medlake dimse`; 0 = `serve` "
+        "runs without DIMSE.",
+    )
+    ae_title: str = Field(
+        default="MEDLAKE",
+        description="Our DICOM Application Entity title: the called AE title of the DIMSE "
+        "port, and the calling AE title of `medlake send` / `retrieve` and C-MOVE.",
+    )
+    dimse_host: str | None = Field(
+        default=None,
+        description="Interface the DIMSE port listens on; default: `host`.",
+    )
+    dimse_require_known_ae: bool = Field(
+        default=False,
+        description="Reject associations from calling AE titles that are not registered "
+        "(`medlake ae add`, /application-entities). When false, unregistered AEs may store "
+        "into and query the default partition; registered AEs always get their own "
+        "partition and permissions.",
+    )
+    dimse_max_pdu: int = Field(
+        default=65536,
+        description="Largest PDU medlake accepts on an association, in bytes "
+        "(0 = no limit); larger PDUs mean fewer, cheaper network reads.",
+    )
+    dimse_max_associations: int = Field(
+        default=16, description="Most DIMSE associations served at the same time."
+    )
+    dimse_timeout: float = Field(
+        default=60.0,
+        description="Seconds a DIMSE association may stay silent, and the connect / "
+        "negotiation / response timeout of medlake as an SCU.",
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the index; default sqlite:///{data}/index.sqlite. "

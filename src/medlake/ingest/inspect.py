@@ -2,8 +2,9 @@
 
 Parsing a DICOM header is pure-Python work (about a millisecond per instance).
 Done in a worker process, it overlaps with the server receiving the next part
-of the same upload instead of queueing behind it; hashing the file there
-keeps that CPU off the server process too. With ``parse_workers = 0`` the same
+of the same upload instead of queueing behind it; hashing and fsyncing the file
+there keep that CPU and disk wait off the server process too (the data is on
+disk by the time the batch is stored, which is then only a rename). With ``parse_workers = 0`` the same
 function runs in the calling process.
 """
 
@@ -13,6 +14,7 @@ import atexit
 import dataclasses
 import errno
 import hashlib
+import os
 import multiprocessing
 import os
 import stat
@@ -37,14 +39,17 @@ class Inspection:
     sha256: str
     parsed: ParsedInstance | None
     error: MedlakeError | None = None
+    #: The file's data was fsynced during inspection.
+    synced: bool = False
     #: Size in bytes, when the inspection staged the file itself (bulk ingest).
     size: int | None = None
 
 
 def inspect_file(
-    path: Path, head: bytes | None, sha256: str | None, keep_dataset: bool
+    path: Path, head: bytes | None, sha256: str | None, keep_dataset: bool, durable: bool = False
 ) -> Inspection:
-    """Hash ``path`` (unless ``sha256`` is known) and parse its header.
+    """Hash ``path`` (unless ``sha256`` is known) and parse its header; with ``durable``,
+    also fsync it, so that storing it later is only a rename.
 
     ``keep_dataset=False`` drops the pydicom Dataset (it is not sent back from a
     worker process; whoever needs it later re-reads the stored header).
@@ -55,17 +60,25 @@ def inspect_file(
             while chunk := fh.read(_HASH_CHUNK):
                 digest.update(chunk)
         sha256 = digest.hexdigest()
+    if durable:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     try:
         parsed = read_instance(path, head)
     except MedlakeError as exc:
-        return Inspection(sha256, None, exc)
+        return Inspection(sha256, None, exc, synced=durable)
     if not keep_dataset:
         parsed = dataclasses.replace(parsed, dataset=None)
-    return Inspection(sha256, parsed)
+    return Inspection(sha256, parsed, synced=durable)
 
 
-def _inspect_in_worker(path: Path, head: bytes | None, sha256: str | None) -> Inspection:
-    return inspect_file(path, head, sha256, keep_dataset=False)
+def _inspect_in_worker(
+    path: Path, head: bytes | None, sha256: str | None, durable: bool
+) -> Inspection:
+    return inspect_file(path, head, sha256, keep_dataset=False, durable=durable)
 
 
 _pools: dict[int, ProcessPoolExecutor] = {}
@@ -88,14 +101,16 @@ def _shutdown_pools() -> None:
 
 
 def submit_inspection(
-    path: Path, head: bytes | None, sha256: str | None, workers: int
+    path: Path, head: bytes | None, sha256: str | None, workers: int, durable: bool = False
 ) -> Future[Inspection]:
     """Inspect a file in one of ``workers`` processes (shared by every archive of this
     process), or right here when ``workers`` is 0."""
     if workers > 0:
-        return _pool(workers).submit(_inspect_in_worker, path, head, sha256)
+        # The head is not sent: pickling 64 KiB through a pipe costs the server more than
+        # the worker re-reading the file from the page cache.
+        return _pool(workers).submit(_inspect_in_worker, path, None, sha256, durable)
     done: Future[Inspection] = Future()
-    done.set_result(inspect_file(path, head, sha256, keep_dataset=True))
+    done.set_result(inspect_file(path, head, sha256, keep_dataset=True, durable=durable))
     return done
 
 
@@ -108,10 +123,12 @@ def stage_and_inspect(
     *,
     link: bool,
     parse: bool,
+    durable: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Inspection:
     """Copy the source at ``location`` (a local path or an fsspec URL) to ``target``,
-    hashing it on the way, then parse its header when ``parse``.
+    hashing it on the way, then parse its header when ``parse``; with ``durable``, fsync
+    the copy too, so that storing it is only a rename.
 
     With ``link``, a local source is hard-linked instead of copied when it is on the
     same filesystem (and read once for the hash). A source that cannot be read (no
@@ -124,16 +141,31 @@ def stage_and_inspect(
             size, sha256, head = _copy_url(location, target, storage_options or {})
         else:
             size, sha256, head = _copy_local(location.removeprefix("file://"), target, link)
+        if durable:
+            _fsync(target)
     except MedlakeError as exc:
         target.unlink(missing_ok=True)
         return Inspection("", None, exc)
     if not parse:
-        return Inspection(sha256, None, None, size)
+        return Inspection(sha256, None, None, synced=durable, size=size)
     try:
         parsed = read_instance(target, head)
     except MedlakeError as exc:
-        return Inspection(sha256, None, exc, size)
-    return Inspection(sha256, dataclasses.replace(parsed, dataset=None), None, size)
+        return Inspection(sha256, None, exc, synced=durable, size=size)
+    return Inspection(
+        sha256, dataclasses.replace(parsed, dataset=None), None, synced=durable, size=size
+    )
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot flush staging file {path}: {exc.strerror or exc}") from exc
 
 
 def _copy_local(path: str, target: Path, link: bool) -> tuple[int, str, bytes]:
@@ -234,10 +266,11 @@ def _stage_in_worker(
     target: Path,
     link: bool,
     parse: bool,
+    durable: bool,
     storage_options: dict[str, Any] | None,
 ) -> Inspection:
     return stage_and_inspect(
-        location, target, link=link, parse=parse, storage_options=storage_options
+        location, target, link=link, parse=parse, durable=durable, storage_options=storage_options
     )
 
 
@@ -247,18 +280,20 @@ def submit_staging(
     *,
     link: bool,
     parse: bool,
+    durable: bool,
     storage_options: dict[str, Any] | None,
     workers: int,
 ) -> Future[Inspection]:
     """:func:`stage_and_inspect` in one of ``workers`` processes (0 = right here)."""
     if workers > 0:
         return _pool(workers).submit(
-            _stage_in_worker, location, target, link, parse, storage_options
+            _stage_in_worker, location, target, link, parse, durable, storage_options
         )
     done: Future[Inspection] = Future()
     done.set_result(
         stage_and_inspect(
-            location, target, link=link, parse=parse, storage_options=storage_options
-        )
+            location, target, link=link, parse=parse, durable=durable,
+            storage_options=storage_options,
+        )  # fmt: skip
     )
     return done

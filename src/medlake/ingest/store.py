@@ -139,6 +139,7 @@ def store_instances(
     parsed: dict[int, ParsedInstance] = {}
     warnings: dict[int, list[Finding]] = {}
     hashes: list[str] = [""] * len(files)
+    synced = True  # every file's data already fsynced by its inspection
     try:
         if inspections is None:
             inspections = [inspect(archive, received) for received in files]
@@ -151,6 +152,7 @@ def store_instances(
                 )
                 continue
             hashes[i] = inspection.sha256
+            synced = synced and inspection.synced
             if inspection.parsed is None:
                 results[i] = _unparsed(archive, inspection, files[i].size)
                 continue
@@ -173,7 +175,7 @@ def store_instances(
             parsed[i] = item
             warnings[i] = findings
         _store_parsed(
-            archive, files, hashes, parsed, warnings, results, partition, replace, ledger
+            archive, files, hashes, parsed, warnings, results, partition, replace, ledger, synced
         )
     finally:
         for received in files:
@@ -200,7 +202,11 @@ def _unparsed(archive: Archive, inspection: Inspection, size: int) -> StoreResul
 def inspect(archive: Archive, received: ReceivedFile) -> Future[Inspection]:
     """Start parsing and hashing ``received`` (in a worker process when configured)."""
     return submit_inspection(
-        received.path, received.head, received.sha256, archive.settings.parse_workers
+        received.path,
+        received.head,
+        received.sha256,
+        archive.settings.parse_workers,
+        durable=archive.settings.fsync,
     )
 
 
@@ -231,6 +237,7 @@ def _store_parsed(
     partition: str,
     replace: bool,
     ledger: BatchLedger | None,
+    synced: bool = False,
 ) -> None:
     """Decide, move and index under the archive's write lock, in one transaction.
 
@@ -259,7 +266,7 @@ def _store_parsed(
                 )  # fmt: skip
                 pending = list(to_write.values())
                 errors = archive.blobs.put_files(
-                    [(row.blob_key, files[i].path) for i, row in pending]
+                    [(row.blob_key, files[i].path) for i, row in pending], synced=synced
                 )
                 for (i, row), error in zip(pending, errors, strict=True):
                     if error is None:
@@ -353,23 +360,33 @@ def _record_after_failure(
 
 
 def _keep_aside(archive: Archive, ledger: BatchLedger, i: int, received: ReceivedFile) -> str | None:
-    """Move a rejected staging file to ``{data}/rejected/{batch}/``; its new path, or None
-    when it is not kept (disabled, or the file is gone)."""
-    if not archive.settings.ingest_keep_rejected or not received.path.exists():
-        return None
     queue_id = ledger.queue_ids[i] if ledger.queue_ids is not None else None
-    name = os.path.basename(ledger.sources[i].rstrip("/").split("!")[-1]) or "file"
-    prefix = f"{queue_id}" if queue_id is not None else f"{i + 1}"
-    folder = archive.rejected_dir / ledger.batch_id
-    target = folder / f"{prefix}-{name}"[:200]
+    label = f"{queue_id}" if queue_id is not None else f"{i + 1}"
+    return keep_aside(archive, ledger.batch_id, label, ledger.sources[i], received.path)
+
+
+def keep_aside(
+    archive: Archive, batch_id: str, label: str, source: str, staged: Path
+) -> str | None:
+    """Move a rejected staged file to ``{data}/rejected/{batch}/{label}-{name}``.
+
+    Returns its new path, or None when it is not kept (``ingest_keep_rejected`` off, or
+    the staged file is gone). The name is stable, so doing it again after a crash
+    overwrites the same file instead of keeping a second copy.
+    """
+    if not archive.settings.ingest_keep_rejected or not staged.exists():
+        return None
+    name = os.path.basename(source.rstrip("/").split("!")[-1]) or "file"
+    folder = archive.rejected_dir / batch_id
+    target = folder / f"{label}-{name}"[:200]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(received.path, target)
+            os.replace(staged, target)
         except OSError:
-            shutil.copyfile(received.path, target)  # staging on another filesystem
+            shutil.copyfile(staged, target)  # staging on another filesystem
     except OSError as exc:
-        log.warning("could not keep rejected file %s aside: %s", ledger.sources[i], exc)
+        log.warning("could not keep rejected file %s aside: %s", source, exc)
         return None
     return str(target)
 

@@ -207,7 +207,7 @@ def validate_instance(parsed: ParsedInstance, rules: RuleConfig) -> list[Finding
 def findings_for_error(error: MedlakeError, size: int | None, rules: RuleConfig) -> list[Finding]:
     """The findings for a file whose header could not be parsed (``error``)."""
     found: list[Finding] = []
-    if size == 0:
+    if size == 0 and isinstance(error, InvalidDicom):
         empty = rules.finding("file_size", "the file is empty (0 bytes)")
         if empty is not None:
             found.append(empty)

@@ -33,11 +33,14 @@ class BlobStore(ABC):
         """Store the local file ``source`` at ``key``, atomically, replacing any blob
         there. ``source`` is consumed (moved or deleted) on success."""
 
-    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[Exception | None]:
+    def put_files(
+        self, items: Sequence[tuple[str, Path]], *, synced: bool = False
+    ) -> list[Exception | None]:
         """Store many ``(key, source)`` files; one entry per item: None or the error.
 
-        Backends override this to make a batch cheaper than one ``put_file`` each
-        (e.g. one durable flush per folder instead of per file).
+        ``synced`` says the sources' data is already on disk (fsynced by whoever wrote
+        them), so only the new names need flushing. Backends override this to make a
+        batch cheaper than one ``put_file`` each (one flush per folder, not per file).
         """
         errors: list[Exception | None] = []
         for key, source in items:

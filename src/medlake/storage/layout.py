@@ -6,6 +6,7 @@ This is a data contract for Spark, DuckDB and azcopy users (see README)::
     medlake/{workspace}/dicom/{service}/{partition}/{Study}/{Series}/series-metadata.json.gz
     medlake/{workspace}/dicom/{service}/healthCheck/
     medlake/{workspace}/clinical/{store}/{ResourceType}/...ndjson
+    medlake/{workspace}/clinical/imports/{table}/{sha256}.csv|.ndjson   (files as received)
     medlake/{workspace}/tables/{table}/
 """
 
@@ -17,6 +18,8 @@ from medlake.types import check_partition, check_uid
 
 HEALTH_CHECK_FOLDER = "healthCheck"
 SERIES_METADATA_NAME = "series-metadata.json.gz"
+#: Clinical "store" folder of the files taken in by the ingest pipeline.
+CLINICAL_IMPORTS = "imports"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class LakeLayout:
     def clinical_prefix(self, store: str, resource_type: str) -> str:
         """Folder of NDJSON files of one clinical resource type."""
         return f"medlake/{self.workspace}/clinical/{store}/{resource_type}"
+
+    def clinical_import_key(self, table: str, sha256: str, suffix: str) -> str:
+        """A clinical file (CSV / NDJSON) exactly as it was ingested, named by its SHA-256."""
+        return f"{self.clinical_prefix(CLINICAL_IMPORTS, table)}/{sha256}{suffix}"
 
     def table_prefix(self, table: str) -> str:
         """Folder of one Delta table."""

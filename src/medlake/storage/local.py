@@ -65,10 +65,12 @@ class LocalBlobStore(BlobStore):
         except OSError as exc:
             raise StorageError(f"cannot write {key}: {exc.strerror or exc}") from exc
 
-    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[Exception | None]:
-        """Move many files into place: their data is flushed in parallel, then each is
-        renamed, then each distinct folder is flushed once (not once per file)."""
-        if self._fsync:
+    def put_files(
+        self, items: Sequence[tuple[str, Path]], *, synced: bool = False
+    ) -> list[Exception | None]:
+        """Move many files into place: their data is flushed in parallel (unless already
+        ``synced``), then each is renamed, then each distinct folder is flushed once."""
+        if self._fsync and not synced:
             # fsync releases the GIL: a few threads overlap the waits on the disk.
             list(_FLUSH_POOL.map(_try_fsync, (source for _, source in items)))
         errors: list[Exception | None] = []

@@ -1,0 +1,213 @@
+"""Known Application Entities (table ``application_entities``) and the calling-AE policy.
+
+Each row is a peer medlake talks DIMSE with: where to reach it (C-MOVE destinations,
+``medlake send`` / ``retrieve`` targets), which partition its C-STOREs go into and
+what it may do. The same table is the allow-list for incoming associations
+(:func:`calling_ae_rules`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from medlake.errors import Conflict, InvalidInput, NotFound
+from medlake.index.schema import application_entities
+from medlake.index.writes import utcnow
+from medlake.ingest.archive import Archive
+from medlake.types import DEFAULT_PARTITION, check_partition
+
+#: PS3.5 AE VR: 1-16 characters of the default repertoire, no backslash, no control
+#: characters; leading and trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+@dataclass(frozen=True)
+class ApplicationEntity:
+    """One known peer: its AE title, address, partition and permissions."""
+
+    ae_title: str
+    host: str
+    port: int
+    #: Partition its C-STOREs go into and its queries and retrieves read; None = default.
+    partition: str | None = None
+    allow_store: bool = True
+    allow_query: bool = True
+    description: str | None = None
+    created_at: dt.datetime | None = None
+
+    @property
+    def effective_partition(self) -> str:
+        """The partition this AE reads and writes."""
+        return self.partition or DEFAULT_PARTITION
+
+    def to_json(self) -> dict[str, Any]:
+        """The AE as JSON (HTTP API and ``medlake ae list --json``)."""
+        return {
+            "aeTitle": self.ae_title,
+            "host": self.host,
+            "port": self.port,
+            "partition": self.effective_partition,
+            "allowStore": self.allow_store,
+            "allowQuery": self.allow_query,
+            "description": self.description,
+            "createdAt": self.created_at.isoformat() if self.created_at else None,
+        }
+
+
+def check_ae_title(title: str, name: str = "AE title") -> str:
+    """``title`` without padding if it is a valid AE title, else :class:`InvalidInput`."""
+    stripped = title.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise InvalidInput(
+            f"{name} {title!r} is invalid: use 1-16 printable ASCII characters, "
+            "no backslash and not only spaces"
+        )
+    return stripped
+
+
+def _check(ae: ApplicationEntity) -> ApplicationEntity:
+    title = check_ae_title(ae.ae_title)
+    if not ae.host.strip() or len(ae.host) > 255 or any(c.isspace() for c in ae.host):
+        raise InvalidInput(f"host {ae.host!r} of AE {title} is not a host name or address")
+    if not 1 <= ae.port <= 65535:
+        raise InvalidInput(f"port {ae.port} of AE {title} is not between 1 and 65535")
+    partition = check_partition(ae.partition) if ae.partition else None
+    return ApplicationEntity(
+        title, ae.host.strip(), ae.port, partition, ae.allow_store, ae.allow_query,
+        ae.description, ae.created_at,
+    )  # fmt: skip
+
+
+def _from_row(row: Mapping[str, Any]) -> ApplicationEntity:
+    created = row["created_at"]
+    if created is not None and created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC
+    return ApplicationEntity(
+        ae_title=row["ae_title"], host=row["host"], port=row["port"], partition=row["partition"],
+        allow_store=bool(row["allow_store"]), allow_query=bool(row["allow_query"]),
+        description=row["description"], created_at=created,
+    )  # fmt: skip
+
+
+def list_aes(archive: Archive) -> list[ApplicationEntity]:
+    """Every known AE, by title."""
+    with archive.engine.connect() as conn:
+        rows = conn.execute(
+            select(application_entities).order_by(application_entities.c.ae_title)
+        ).mappings()
+        return [_from_row(r) for r in rows]
+
+
+def find_ae(conn: Connection, title: str) -> ApplicationEntity | None:
+    """The AE registered as ``title`` (padding ignored), or None."""
+    row = (
+        conn.execute(
+            select(application_entities).where(application_entities.c.ae_title == title.strip())
+        )
+        .mappings()
+        .first()
+    )
+    return _from_row(row) if row is not None else None
+
+
+def get_ae(archive: Archive, title: str) -> ApplicationEntity:
+    """The AE registered as ``title``, or :class:`NotFound`."""
+    with archive.engine.connect() as conn:
+        found = find_ae(conn, title)
+    if found is None:
+        raise NotFound(f"AE title {title.strip()!r} is not registered")
+    return found
+
+
+def add_ae(
+    archive: Archive, ae: ApplicationEntity, *, replace: bool = False
+) -> ApplicationEntity:
+    """Register ``ae``; :class:`Conflict` if its title exists, unless ``replace``."""
+    ae = _check(ae)
+    values = {
+        "host": ae.host, "port": ae.port, "partition": ae.partition,
+        "allow_store": ae.allow_store, "allow_query": ae.allow_query,
+        "description": ae.description,
+    }  # fmt: skip
+    with archive.engine.begin() as conn:
+        if find_ae(conn, ae.ae_title) is not None:
+            if not replace:
+                raise Conflict(f"AE title {ae.ae_title!r} is already registered")
+            conn.execute(
+                update(application_entities)
+                .where(application_entities.c.ae_title == ae.ae_title)
+                .values(**values)
+            )
+        else:
+            try:
+                conn.execute(
+                    insert(application_entities).values(
+                        ae_title=ae.ae_title, created_at=utcnow(), **values
+                    )
+                )
+            except IntegrityError as exc:  # registered concurrently
+                raise Conflict(f"AE title {ae.ae_title!r} is already registered") from exc
+        added = find_ae(conn, ae.ae_title)
+    assert added is not None
+    return added
+
+
+def remove_ae(archive: Archive, title: str) -> None:
+    """Forget the AE registered as ``title``; :class:`NotFound` if there is none."""
+    with archive.engine.begin() as conn:
+        removed = conn.execute(
+            delete(application_entities).where(application_entities.c.ae_title == title.strip())
+        ).rowcount
+    if not removed:
+        raise NotFound(f"AE title {title.strip()!r} is not registered")
+
+
+@dataclass(frozen=True)
+class CallingAeRules:
+    """What an incoming association may do, decided from its calling AE title."""
+
+    calling_ae: str
+    partition: str
+    allow_store: bool
+    allow_query: bool
+    #: Whether the calling AE is registered (else the defaults for unknown AEs apply).
+    known: bool
+
+
+def calling_ae_rules(archive: Archive, calling_ae: str) -> CallingAeRules | None:
+    """The rules for an association from ``calling_ae``; None when it must be rejected.
+
+    A registered AE gets its own partition and permissions. An unregistered one is
+    rejected when ``dimse_require_known_ae`` is set, else it may store into and query
+    the default partition.
+    """
+    title = calling_ae.strip()
+    with archive.engine.connect() as conn:
+        known = find_ae(conn, title)
+    if known is not None:
+        return CallingAeRules(
+            title, known.effective_partition, known.allow_store, known.allow_query, True
+        )
+    if archive.settings.dimse_require_known_ae:
+        return None
+    return CallingAeRules(title, DEFAULT_PARTITION, True, True, False)
+
+
+__all__ = [
+    "ApplicationEntity",
+    "CallingAeRules",
+    "add_ae",
+    "calling_ae_rules",
+    "check_ae_title",
+    "find_ae",
+    "get_ae",
+    "list_aes",
+    "remove_ae",
+]

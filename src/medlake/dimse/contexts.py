@@ -1,0 +1,128 @@
+"""Presentation contexts: what medlake accepts as an SCP and proposes as an SCU.
+
+medlake stores and sends instances in the transfer syntax they arrived in (it does
+not transcode, as over DICOMweb), so it accepts every standard transfer syntax and,
+when sending, proposes each instance's own transfer syntax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from pynetdicom import AllStoragePresentationContexts, build_context, build_role
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+#: Every standard storage SOP Class pynetdicom knows (PS3.4 Annex B and friends).
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+)
+#: Transfer syntaxes accepted for storage: every current standard one (stored as received).
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(ts) for ts in AllTransferSyntaxes)
+#: The one transfer syntax every DICOM AE supports (PS3.5 10.1); used for C-FIND etc.
+_QUERY_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+FIND_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+MOVE_MODELS = (
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+GET_MODELS = (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+#: A proposal holds at most 128 presentation contexts (PS3.8 9.3.2.2, odd IDs 1-255).
+MAX_CONTEXTS = 128
+
+
+def scp_contexts() -> list[PresentationContext]:
+    """What the SCP accepts: Verification, storage, and Query/Retrieve (Patient Root and
+    Study Root; FIND, MOVE, GET). A C-GET requestor's proposal to be the storage SCP on
+    a storage context (role selection) is accepted, so C-GET can send to it."""
+    contexts = [build_context(Verification, _QUERY_SYNTAXES)]
+    for sop_class in STORAGE_SOP_CLASSES:
+        context = build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        # (scu_role, scp_role) of the acceptor, as pynetdicom's qrscp sets them: a plain
+        # proposal keeps the default roles, an SCP-role proposal inverts them.
+        context.scu_role, context.scp_role = False, True
+        contexts.append(context)
+    for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
+        contexts.append(build_context(model, _QUERY_SYNTAXES))
+    return contexts
+
+
+def sending_contexts(
+    pairs: Iterable[tuple[str, str]],
+) -> tuple[list[PresentationContext], list[tuple[str, str]]]:
+    """Contexts to send instances of these (SOP Class, stored transfer syntax) pairs,
+    one context per pair, and the pairs that did not fit in one association.
+
+    An uncompressed syntax also offers the other uncompressed little-endian one, so a
+    peer that takes only Implicit VR gets the instance converted by pynetdicom.
+    """
+    contexts: list[PresentationContext] = []
+    left: list[tuple[str, str]] = []
+    for sop_class, syntax in sorted(set(pairs)):
+        if len(contexts) >= MAX_CONTEXTS:
+            left.append((sop_class, syntax))
+            continue
+        syntaxes = [syntax]
+        if UID(syntax) in _UNCOMPRESSED:
+            syntaxes += [ts for ts in _UNCOMPRESSED if ts != syntax]
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts, left
+
+
+def query_contexts(models: Sequence[str]) -> list[PresentationContext]:
+    """Contexts for C-FIND / C-MOVE / Verification requests of ``models``."""
+    return [build_context(model, _QUERY_SYNTAXES) for model in models]
+
+
+def get_contexts(
+    model: str, sop_classes: Sequence[str] | None = None
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """Contexts and SCP-role items of a C-GET requestor: the GET model plus storage
+    contexts for the instances to come back (``sop_classes``, default: the most
+    common ones that fit), offering uncompressed syntaxes first."""
+    classes = list(sop_classes) if sop_classes is not None else list(STORAGE_SOP_CLASSES)
+    classes = classes[: MAX_CONTEXTS - 1]
+    syntaxes = list(_UNCOMPRESSED) + [
+        ts for ts in ACCEPTED_TRANSFER_SYNTAXES if UID(ts) not in _UNCOMPRESSED
+    ]
+    contexts = [build_context(model, _QUERY_SYNTAXES)]
+    contexts += [build_context(sop_class, syntaxes) for sop_class in classes]
+    roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
+    return contexts, roles
+
+
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "FIND_MODELS",
+    "GET_MODELS",
+    "MAX_CONTEXTS",
+    "MOVE_MODELS",
+    "STORAGE_SOP_CLASSES",
+    "get_contexts",
+    "query_contexts",
+    "scp_contexts",
+    "sending_contexts",
+]
