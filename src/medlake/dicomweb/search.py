@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from medlake.dicom.attributes import ATTRIBUTES, BY_TAG, Attribute, Level, lookup
 from medlake.errors import InvalidInput, NotFound, UnknownAttribute
@@ -92,17 +92,41 @@ def _add_filter(query: QidoQuery, name: str, value: str, extended: dict[int, Ext
     if found is None:
         raise UnknownAttribute(f"unknown query attribute {name!r}")
     tag, keyword = found
+    key = matching_key(tag, extended)
+    if key is None:
+        raise UnknownAttribute(
+            f"attribute {keyword} ({tag:08X}) is not supported for matching; "
+            "add it as an extended query tag to search on it"
+        )
+    add_filter(query, key, value)
+
+
+def matching_key(tag: int, extended: dict[int, ExtendedTag]) -> Attribute | ExtendedTag | None:
+    """What a query key on ``tag`` matches against: an indexed attribute, a ready
+    extended query tag, or None when the attribute cannot be matched (QIDO-RS and
+    C-FIND decide the same way)."""
     attr = BY_TAG.get(tag)
     if attr is not None and (not attr.computed or attr.keyword == "ModalitiesInStudy"):
-        query.filters.append((attr, value))
-        return
-    if tag in extended:
-        query.extended_filters.append((extended[tag], value))
-        return
-    raise UnknownAttribute(
-        f"attribute {keyword} ({tag:08X}) is not supported for matching; "
-        "add it as an extended query tag to search on it"
-    )
+        return attr
+    return extended.get(tag)
+
+
+def add_filter(query: QidoQuery, key: Attribute | ExtendedTag, value: str) -> None:
+    """Add the matching key ``key`` = ``value`` to ``query``."""
+    if isinstance(key, Attribute):
+        query.filters.append((key, value))
+    else:
+        query.extended_filters.append((key, value))
+
+
+def ready_extended_tags(conn: Connection) -> dict[int, ExtendedTag]:
+    """The extended query tags that can be searched on (status ``ready``), by tag."""
+    return {
+        int(r.tag, 16): ExtendedTag(r.id, int(r.tag, 16), r.keyword or "", r.vr, Level(r.level))
+        for r in conn.execute(
+            select(extended_query_tags).where(extended_query_tags.c.status == "ready")
+        )
+    }
 
 
 def run_search(
@@ -126,12 +150,7 @@ def run_search(
             is None
         ):
             raise NotFound(f"partition {partition!r} does not exist")
-        extended = {
-            int(r.tag, 16): ExtendedTag(r.id, int(r.tag, 16), r.keyword or "", r.vr, Level(r.level))
-            for r in conn.execute(
-                select(extended_query_tags).where(extended_query_tags.c.status == "ready")
-            )
-        }
+        extended = ready_extended_tags(conn)
         query, include = parse_query(
             level, partition, params, study_uid=study_uid, series_uid=series_uid, extended=extended
         )

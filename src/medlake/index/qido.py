@@ -153,14 +153,23 @@ def _level_rank(level: Level) -> int:
 
 def search(conn: Connection, query: QidoQuery) -> QidoResult:
     """Run ``query``: one page of rows in stable (insertion) order, and the total."""
-    if query.limit < 0 or query.offset < 0:
-        raise InvalidInput("limit and offset must be non-negative integers")
     stmt = build_select(query)
     total = conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+    return QidoResult(_page(conn, query, stmt), int(total))
+
+
+def fetch_page(conn: Connection, query: QidoQuery) -> list[Any]:
+    """One page of ``query``'s rows (``limit`` from ``offset``), without counting them all:
+    C-FIND walks every match page by page and has no use for the total."""
+    return _page(conn, query, build_select(query))
+
+
+def _page(conn: Connection, query: QidoQuery, stmt: Select[Any]) -> list[Any]:
+    if query.limit < 0 or query.offset < 0:
+        raise InvalidInput("limit and offset must be non-negative integers")
     order = _key_table(query.level).c.id
     page = stmt.order_by(order).limit(min(query.limit, MAX_LIMIT)).offset(query.offset)
-    rows = list(conn.execute(page).mappings())
-    return QidoResult(rows, int(total))
+    return list(conn.execute(page).mappings())
 
 
 def match_condition(
@@ -295,6 +304,7 @@ __all__: Sequence[str] = [
     "QidoQuery",
     "QidoResult",
     "build_select",
+    "fetch_page",
     "match_condition",
     "row_key",
     "search",

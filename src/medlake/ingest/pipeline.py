@@ -19,6 +19,7 @@ twice and nothing is stored twice.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from medlake.ingest.events import (
     FilesDiscovered,
     FilesProcessed,
 )
-from medlake.ingest.inspect import Inspection, submit_staging
+from medlake.ingest.inspect import Inspection, flush_filesystem, submit_staging
 from medlake.ingest.queue import (
     WorkItem,
     Worker,
@@ -170,6 +171,8 @@ def run_batch(
     discovery = _discovery(archive, batch)
     folder = worker_staging(archive, batch_id, worker)
     folder.mkdir(parents=True, exist_ok=True)
+    # Durable staging: one syncfs per chunk where the OS has it, else fsync in the workers.
+    flush_chunks = settings.fsync and flush_filesystem(folder)
     ahead: collections.deque[_Chunk] = collections.deque()
     stopping = False
 
@@ -178,7 +181,8 @@ def run_batch(
         futures = [
             submit_staging(
                 discovery.locate(item.source), target, link=settings.ingest_link_files,
-                parse=not is_clinical(item.source), durable=settings.fsync,
+                parse=not is_clinical(item.source),
+                durable=settings.fsync and not flush_chunks,
                 storage_options=settings.ingest_source_options, workers=count,
             )
             for item, target in zip(items, targets, strict=True)
@@ -195,7 +199,7 @@ def run_batch(
             if not ahead:
                 break
             chunk = ahead.popleft()
-            counts = _store_chunk(archive, batch, chunk, worker, hub)
+            counts = _store_chunk(archive, batch, chunk, worker, hub, flush_chunks)
             if counts is None:
                 continue
             if counts.status != BatchStatus.RUNNING:
@@ -229,10 +233,18 @@ def run_batch(
 
 
 def _store_chunk(
-    archive: Archive, batch: Batch, chunk: _Chunk, worker: Worker, hub: EventHub
+    archive: Archive, batch: Batch, chunk: _Chunk, worker: Worker, hub: EventHub, flush: bool
 ) -> BatchCounts | None:
-    """Store one claimed chunk: DICOM files in one transaction, clinical files one each."""
+    """Store one claimed chunk: DICOM files in one transaction, clinical files one each.
+
+    With ``flush``, the chunk's staged files are made durable by one filesystem flush.
+    """
     inspections = [_wait(f) for f in chunk.futures]
+    if flush and chunk.targets:
+        flush_filesystem(chunk.targets[0].parent)
+        inspections = [
+            dataclasses.replace(i, synced=True) if i.error is None else i for i in inspections
+        ]
     with archive.engine.connect() as conn:
         mine = still_mine(conn, worker, [item.id for item in chunk.items])
     dicom: list[int] = []

@@ -1,0 +1,141 @@
+"""C-STORE as an SCP (and as the storage side of a C-GET medlake sends): the received
+data set becomes a Part-10 file in staging and takes the path of every stored file,
+:func:`medlake.ingest.store.store_instances` (same validation rules, duplicates,
+conflicts, batch records and error rows as STOW-RS).
+
+The data set is written as received (no decoding, no re-encoding), behind File Meta
+Information made from the request: Media Storage SOP Class/Instance UID from the
+C-STORE request, Transfer Syntax UID of the presentation context, and the calling
+AE title as Source Application Entity Title.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode_file_meta
+
+from medlake.dimse.ae_registry import CallingAeRules
+from medlake.dimse.association_batch import AssociationBatch
+from medlake.errors import MedlakeError, StorageError
+from medlake.ingest.archive import Archive
+from medlake.ingest.store import ReceivedFile, store_instances
+from medlake.ingest.validation import rule_of
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+NOT_AUTHORISED = 0x0124
+#: Bytes of the file kept in memory for the header parse (as the STOW-RS receiver keeps).
+_HEAD = 64 << 10
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    """Who is storing, into which partition, and the batch that records it."""
+
+    rules: CallingAeRules
+    batch: AssociationBatch
+
+
+def status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE / C-FIND / C-MOVE / C-GET status, with an Error Comment (LO, 64 chars)."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset:
+    """The EVT_C_STORE handler: store the received instance, answer its status."""
+    request = event.request
+    sop_uid = str(request.AffectedSOPInstanceUID or "") or None
+    message_id = int(request.MessageID or 0)
+    if not context.rules.allow_store:
+        return status(
+            NOT_AUTHORISED, f"AE {context.rules.calling_ae} may not store (allow_store off)"
+        )
+    try:
+        received = stage(archive, event, context.rules.calling_ae)
+    except (OSError, MedlakeError) as exc:
+        error = exc if isinstance(exc, MedlakeError) else StorageError(f"staging failed: {exc}")
+        context.batch.record_failure(message_id, sop_uid, 0, rule_of(error), error.message)
+        log.error("C-STORE of %s from %s: %s", sop_uid, context.rules.calling_ae, error.message)
+        return status(error.dicom_reason, error.message)
+    ledger = context.batch.ledger(sop_uid, message_id)
+    try:
+        result = store_instances(archive, [received], context.rules.partition, ledger=ledger)[0]
+    finally:
+        context.batch.after_store(ledger)
+    if result.ok:
+        return status(SUCCESS)
+    error = result.error or MedlakeError("the instance was not stored")
+    log.info(
+        "C-STORE of %s from %s refused: %s", sop_uid, context.rules.calling_ae, error.message
+    )
+    return status(error.dicom_reason, error.message)
+
+
+def stage(archive: Archive, event: Any, calling_ae: str) -> ReceivedFile:
+    """Write the received data set as a Part-10 file into staging, hashing it on the way."""
+    target = archive.staging_dir / f"{uuid.uuid4().hex}.part"
+    dataset_path = _dataset_path(event)
+    if dataset_path is not None:
+        return _adopt(dataset_path, target)
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling_ae
+    header = _PREAMBLE + encode_file_meta(meta)
+    data = event.request.DataSet
+    body = data.getbuffer() if isinstance(data, BytesIO) else memoryview(bytes(data or b""))
+    digest = hashlib.sha256(header)
+    digest.update(body)
+    try:
+        with target.open("wb") as fh:
+            fh.write(header)
+            fh.write(body)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
+    head = header + bytes(body[: max(_HEAD - len(header), 0)])
+    return ReceivedFile(target, len(header) + len(body), digest.hexdigest(), head)
+
+
+def _dataset_path(event: Any) -> Path | None:
+    """The file pynetdicom wrote the data set to, when it receives to disk
+    (``_config.STORE_RECV_CHUNKED_DATASET``); None when the data set is in memory."""
+    try:
+        return Path(event.dataset_path)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _adopt(source: Path, target: Path) -> ReceivedFile:
+    """Move a file pynetdicom received to disk into staging, hashing it."""
+    digest = hashlib.sha256()
+    head = b""
+    size = 0
+    with source.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if not head:
+                head = chunk[:_HEAD]
+            digest.update(chunk)
+            size += len(chunk)
+    try:
+        os.replace(source, target)
+    except OSError:
+        shutil.move(source, target)  # another filesystem
+    return ReceivedFile(target, size, digest.hexdigest(), head)
+
+
+__all__ = ["NOT_AUTHORISED", "SUCCESS", "StoreContext", "handle_store", "stage", "status"]
