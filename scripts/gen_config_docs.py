@@ -59,6 +59,7 @@ FOOTER = f"""
 | `int`, `float` | a number: `{ENV_PREFIX}HTTP_PORT=8080` | a TOML number |
 | `bool` | `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`) | `true` / `false` |
 | `dict` | JSON: `{ENV_PREFIX}STORAGE_OPTIONS='{{"anon": true}}'` | a TOML table |
+| `list` | JSON: `{ENV_PREFIX}INGEST_ALLOWED_SOP_CLASSES='["1.2.840.10008.5.1.4.1.1.2"]'` | a TOML array |
 | `… \\| None` | unset means `None` (the default) | leave the key out |
 
 Paths are used as given; a relative path is relative to the working directory of
@@ -95,7 +96,8 @@ With nothing configured, everything lives in one folder (`data`):
 | --- | --- |
 | `{{data}}/index.sqlite` | the SQLite index (WAL mode: also `index.sqlite-wal`, `-shm`) |
 | `{{data}}/lake/` | the lake root (see [the lake contract](lake-contract.md)) |
-| `{{data}}/staging/` | uploads being received; a local folder even when the lake is not |
+| `{{data}}/staging/` | uploads being received, and `staging/batches/{{batch}}/`: files of an ingest batch being copied in (removed when the batch ends); a local folder even when the lake is not |
+| `{{data}}/rejected/{{batch}}/` | a copy of every rejected file of that batch (STOW-RS, ingest, drop zone); never removed by medlake |
 | `{{data}}/{TOML_NAME}` | this file, when you create it |
 """
 
@@ -113,6 +115,12 @@ NOTES: dict[str, str] = {
     "storage_options": "Used only for fsspec URLs; a local-folder lake ignores it. "
     "medlake adds `use_listings_cache=false` unless you set it.",
     "fsync": "Local-folder lakes only: object stores make a PUT durable themselves.",
+    "ingest_rules": "Example: `ingest_rules = {patient_id = \"reject\", transfer_syntax = "
+    "\"warn\"}` in medlake.toml, or `MEDLAKE_INGEST_RULES='{\"patient_id\": \"reject\"}'`. "
+    "`dicom_part10` and `required_uids` cannot be relaxed. Rejections and warnings are "
+    "rows of `ingest_errors` (`medlake batch show ID`, `GET /batches/{id}/errors`).",
+    "ingest_workers": "The server's drop-zone watcher uses it too. `parse_workers` is the "
+    "separate pool that parses STOW-RS uploads.",
     "dimse_require_known_ae": "An unregistered calling AE is then refused with A-ASSOCIATE-RJ "
     "result 1 (rejected-permanent), source 1, reason 3 (calling AE title not recognised). "
     "The DIMSE port listens on `host` (127.0.0.1) unless `dimse_host` says otherwise, so "

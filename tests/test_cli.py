@@ -69,8 +69,8 @@ def test_ingest_then_ls(
     listed = runner.invoke(app, ["ls", "--data", str(data)])
 
     assert ingested.exit_code == 0, ingested.output
-    assert "37 stored" in ingested.output
-    assert "0 failed" in ingested.output
+    assert "37 seen, 37 stored, 0 duplicate, 0 rejected" in ingested.output
+    assert "reconciliation: balanced" in ingested.output
     assert listed.exit_code == 0, listed.output
     assert "4 studies" in listed.output
     for text in ("DEMO001", "DOE^JANE", "ROE^RICHARD", "POE^EDGAR", "CT\\MR\\OT"):
@@ -128,7 +128,7 @@ def test_ingest_reports_rejected_files(
     assert "rejected" in result.output
     assert "notes.txt" in result.output
     assert "not a DICOM" in result.output
-    assert "1 stored" in result.output and "1 failed" in result.output
+    assert "1 stored, 0 duplicate, 1 rejected" in result.output
     assert len(inspect().dicom_files()) == 1
     assert inspect().staging_files() == []
 

@@ -22,7 +22,6 @@ except ModuleNotFoundError:  # the repo root is not on sys.path
     from cloud_servers import S3Server  # type: ignore[no-redef]
 from typer.testing import CliRunner
 
-from medlake.cli.local_ingest import ingest_batch
 from medlake.cli.main import app as cli
 from medlake.config import Settings
 from medlake.dicomweb.lifecycle import (
@@ -36,6 +35,7 @@ from medlake.errors import InvalidInput, StorageError
 from medlake.index.schema import instances
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
+from medlake.ingest.pipeline import ingest
 from medlake.storage.base import Tier
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -317,7 +317,7 @@ def test_s3_blobs_change_storage_class_and_come_back_on_read(
 
     try:
         ct = samples["CT_small.dcm"]
-        assert [r.ok for r in ingest_batch(archive, [ct], "default")] == [True]
+        assert ingest(archive, str(ct), "default", workers=0).stored == 1
         start = utcnow()
 
         run_lifecycle(archive, start + 40 * DAY)

@@ -28,9 +28,9 @@ import pytest
 import uvicorn
 
 from medlake.cli.demo_data import DEMO_STUDIES, demo_uid, write_demo_studies
-from medlake.cli.local_ingest import ingest_batch
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
+from medlake.ingest.pipeline import ingest
 from medlake.types import DEFAULT_PARTITION
 from medlake.web import create_web_app, find_ohif_dist, viewer_path
 
@@ -149,8 +149,8 @@ def medlake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Medlake
     shots.mkdir()
     archive = Archive.open(Settings(data=root / "data", fsync=False))
     files = write_demo_studies(root / "demo-source")
-    results = ingest_batch(archive, sorted(files), DEFAULT_PARTITION)
-    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    batch = ingest(archive, str(root / "demo-source"), DEFAULT_PARTITION, workers=0)
+    assert batch.stored == len(files) and batch.verdict == "balanced", batch.to_json()
     app = create_web_app(archive, dist, background=False)
     assert viewer_path(app) == "/ohif/"
     log = RequestLog()

@@ -135,6 +135,13 @@ class LimitExceeded(MedlakeError):
     http_status = 409
 
 
+class NetworkError(MedlakeError):
+    """A DICOM network peer could not be reached, refused the association, or failed
+    the operation; or medlake could not listen on its DIMSE port."""
+
+    http_status = 502
+
+
 __all__ = [
     "Conflict",
     "DatabaseUnavailable",
@@ -144,6 +151,7 @@ __all__ = [
     "LimitExceeded",
     "MedlakeError",
     "MissingAttribute",
+    "NetworkError",
     "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",

@@ -9,7 +9,13 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from medlake import __version__
-from medlake.api import admin_routes, dicomweb_routes, extended_tags_routes
+from medlake.api import (
+    admin_routes,
+    ae_routes,
+    batches_routes,
+    dicomweb_routes,
+    extended_tags_routes,
+)
 from medlake.api.errors import install_error_handlers
 from medlake.dicomweb.extended_tags import resume_interrupted
 from medlake.dicomweb.metadata_refresher import MetadataRefresher
@@ -45,6 +51,8 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     install_error_handlers(app)
     app.include_router(admin_routes.router)
     app.include_router(extended_tags_routes.router)
+    app.include_router(batches_routes.router)
+    app.include_router(ae_routes.router)
     app.include_router(dicomweb_routes.router, prefix="/dicomweb/partitions/{partition}")
     app.include_router(dicomweb_routes.router, prefix="/dicomweb")
     return app

@@ -8,18 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from medlake import __version__
-from medlake.cli import lifecycle_cmd
-from medlake.cli.local_ingest import BATCH, find_files, ingest_batch
+from medlake.cli import dimse_cmd, ingest_cmd, lifecycle_cmd
 from medlake.config import Settings, load_settings
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
 
 app = typer.Typer(help="medlake: an open medical-data lakehouse.", no_args_is_help=True)
 app.add_typer(lifecycle_cmd.app, name="lifecycle")
+ingest_cmd.register(app)  # ingest, watch, batches, batch show|resume, reconcile
+dimse_cmd.register(app)  # dimse, send, retrieve, ae add|list|remove|echo
 console = Console()
 
 DataOption = Annotated[
@@ -56,9 +56,7 @@ def serve(
     ] = None,
     dimse_port: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(
-            help="DICOM port; 0 = off (env MEDLAKE_DIMSE_PORT). (DIMSE is not built yet.)"
-        ),
+        typer.Option(help="DICOM (DIMSE) port; 0 = off (env MEDLAKE_DIMSE_PORT)."),
     ] = None,
     insecure_no_auth: Annotated[
         bool,
@@ -67,7 +65,8 @@ def serve(
         ),
     ] = False,
 ) -> None:
-    """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port."""
+    """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port, and the
+    DIMSE SCP (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port."""
     import uvicorn
 
     from medlake.web import create_web_app, viewer_path
@@ -90,45 +89,19 @@ def serve(
         console.print("[yellow]no OHIF viewer[/]: run scripts/install-ohif.sh (MEDLAKE_OHIF_DIST)")
     if not insecure_no_auth:
         console.print("[yellow]authentication is not built yet: every request is allowed[/]")
-    uvicorn.run(
-        web_app,
-        host=settings.host,
-        port=settings.http_port,
-        log_level="warning",
-        http="httptools",
-        loop="uvloop",
-    )
-
-
-@app.command()
-def ingest(
-    path: Annotated[Path, typer.Argument(help="A DICOM file or a folder of them.", exists=True)],
-    data: DataOption = None,
-    partition: Annotated[str, typer.Option(help="Partition to store into.")] = DEFAULT_PARTITION,
-) -> None:
-    """Store DICOM files from a folder into the lake (same rules as STOW-RS)."""
-    archive = Archive.open(_settings(data=data))
-    files = list(find_files(path))
-    counts = {"stored": 0, "duplicate": 0, "replaced": 0, "failed": 0}
-    failures: list[tuple[Path, str]] = []
-    with Progress(
-        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[failed]} rejected"), TimeRemainingColumn(), console=console,
-    ) as progress:  # fmt: skip
-        task = progress.add_task("ingest", total=len(files), failed=0)
-        for start in range(0, len(files), BATCH):
-            batch = files[start : start + BATCH]
-            for source, result in zip(batch, ingest_batch(archive, batch, partition), strict=True):
-                counts[result.outcome.value] += 1
-                if result.error is not None:
-                    failures.append((source, result.error.message))
-            progress.update(task, advance=len(batch), failed=counts["failed"])
-    for source, message in failures[:20]:
-        console.print(f"[red]rejected[/] {source}: {message}")
-    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    archive.close()
-    if counts["failed"]:
-        raise typer.Exit(1)
+    scp = dimse_cmd.start_scp(archive, settings)  # pynetdicom's threads, beside uvicorn
+    try:
+        uvicorn.run(
+            web_app,
+            host=settings.host,
+            port=settings.http_port,
+            log_level="warning",
+            http="httptools",
+            loop="uvloop",
+        )
+    finally:
+        if scp is not None:
+            scp.stop()
 
 
 @app.command("ls")
@@ -197,7 +170,10 @@ def demo(
     source = settings.data / "demo-source"
     files = write_demo_studies(source)
     console.print(f"wrote {len(files)} sample instances to {source}")
-    ingest(source, data=settings.data, partition=DEFAULT_PARTITION)
+    batch = ingest_cmd.run_ingest(settings, str(source), DEFAULT_PARTITION)
+    if batch.stored + batch.duplicates < len(files):
+        console.print("[red]some sample instances were not stored[/]")
+        raise typer.Exit(1)
     if not no_serve:
         serve(
             data=settings.data,

@@ -22,12 +22,13 @@ it is only switched on for the pynetdicom versions it was written against
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import select
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import evt
@@ -65,10 +66,9 @@ class _WakingQueue(queue.Queue[Any]):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        try:
+        # A full buffer means a wake-up is pending anyway; a closed one, that nobody waits.
+        with contextlib.suppress(OSError):
             self._wake.send(b"\0")
-        except OSError:  # the buffer is full (a wake-up is pending anyway) or closed
-            pass
 
 
 class _EventDrivenSocket(AssociationSocket):
@@ -90,10 +90,8 @@ class _EventDrivenSocket(AssociationSocket):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
         if self._wake_r in readable:
-            try:
+            with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
-            except OSError:
-                pass
         return sock in readable
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -113,10 +111,8 @@ class _EventDrivenSocket(AssociationSocket):
     def close(self) -> None:
         super().close()
         for end in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 end.close()
-            except OSError:
-                pass
 
 
 class _EventDrivenAssociation(Association):
@@ -139,7 +135,7 @@ class _EventDrivenAssociation(Association):
             except queue.Empty:
                 msg = None
             if msg:
-                self._serve_request(msg, context_id)
+                self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
                 self.is_released = True
@@ -181,7 +177,7 @@ class EventDrivenRequestHandler(RequestHandler):
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        sock = assoc.dul.socket
+        sock = cast(_EventDrivenSocket, assoc.dul.socket)
         sock.__class__ = _EventDrivenSocket
         sock._wake_r, sock._wake_w = wake_r, wake_w
         assoc.dul.to_provider_queue = _WakingQueue(wake_w)

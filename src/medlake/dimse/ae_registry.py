@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, RowMapping, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from medlake.errors import Conflict, InvalidInput, NotFound
@@ -72,6 +71,41 @@ def check_ae_title(title: str, name: str = "AE title") -> str:
     return stripped
 
 
+def ae_from_json(body: Any, ae_title: str | None = None) -> ApplicationEntity:
+    """An AE from its JSON form (``aeTitle``, ``host``, ``port``, ``partition``,
+    ``allowStore``, ``allowQuery``, ``description``); ``ae_title`` (from a URL) wins
+    over the body's and must agree with it. :class:`InvalidInput` names what is wrong."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object with aeTitle, host and port")
+    known = {"aeTitle", "host", "port", "partition", "allowStore", "allowQuery", "description"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(unknown)}; fields are {sorted(known)}")
+    title = body.get("aeTitle", ae_title)
+    if ae_title is not None and title is not None and str(title).strip() != ae_title.strip():
+        raise InvalidInput(f"aeTitle {title!r} in the body differs from {ae_title!r} in the URL")
+    fields = {
+        "aeTitle": (title, str, True), "host": (body.get("host"), str, True),
+        "port": (body.get("port"), int, True), "partition": (body.get("partition"), str, False),
+        "allowStore": (body.get("allowStore", True), bool, True),
+        "allowQuery": (body.get("allowQuery", True), bool, True),
+        "description": (body.get("description"), str, False),
+    }  # fmt: skip
+    for name, (value, kind, required) in fields.items():
+        if value is None and not required:
+            continue
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if value is None or wrong_type:
+            raise InvalidInput(f"{name} must be a JSON {kind.__name__}, not {value!r}")
+    return _check(
+        ApplicationEntity(
+            str(title), str(body["host"]), int(body["port"]), body.get("partition"),
+            bool(body.get("allowStore", True)), bool(body.get("allowQuery", True)),
+            body.get("description"),
+        )
+    )  # fmt: skip
+
+
 def _check(ae: ApplicationEntity) -> ApplicationEntity:
     title = check_ae_title(ae.ae_title)
     if not ae.host.strip() or len(ae.host) > 255 or any(c.isspace() for c in ae.host):
@@ -85,7 +119,7 @@ def _check(ae: ApplicationEntity) -> ApplicationEntity:
     )  # fmt: skip
 
 
-def _from_row(row: Mapping[str, Any]) -> ApplicationEntity:
+def _from_row(row: RowMapping) -> ApplicationEntity:
     created = row["created_at"]
     if created is not None and created.tzinfo is None:
         created = created.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC
@@ -126,9 +160,7 @@ def get_ae(archive: Archive, title: str) -> ApplicationEntity:
     return found
 
 
-def add_ae(
-    archive: Archive, ae: ApplicationEntity, *, replace: bool = False
-) -> ApplicationEntity:
+def add_ae(archive: Archive, ae: ApplicationEntity, *, replace: bool = False) -> ApplicationEntity:
     """Register ``ae``; :class:`Conflict` if its title exists, unless ``replace``."""
     ae = _check(ae)
     values = {
@@ -204,6 +236,7 @@ __all__ = [
     "ApplicationEntity",
     "CallingAeRules",
     "add_ae",
+    "ae_from_json",
     "calling_ae_rules",
     "check_ae_title",
     "find_ae",

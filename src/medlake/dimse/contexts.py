@@ -9,47 +9,48 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from pynetdicom import AllStoragePresentationContexts, build_context, build_role
-from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from pydicom.uid import (
     UID,
     AllTransferSyntaxes,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import AllStoragePresentationContexts, build_context, build_role
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import PresentationContext
+
+#: SOP Classes of the services (PS3.4 Annex A and C.6).
+VERIFICATION = "1.2.840.10008.1.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+STUDY_ROOT_MODELS = frozenset({STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET})
 
 #: Every standard storage SOP Class pynetdicom knows (PS3.4 Annex B and friends).
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
     str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
 )
-#: Transfer syntaxes accepted for storage: every current standard one (stored as received).
-ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(ts) for ts in AllTransferSyntaxes)
+#: Transfer syntaxes accepted for storage: every current standard one (stored as received),
+#: uncompressed first, because the acceptor's order decides when a proposal offers several.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    *(
+        str(ts)
+        for ts in AllTransferSyntaxes
+        if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    ),
+)
 #: The one transfer syntax every DICOM AE supports (PS3.5 10.1); used for C-FIND etc.
-_QUERY_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_QUERY_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-FIND_MODELS = (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-)
-MOVE_MODELS = (
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelMove,
-)
-GET_MODELS = (
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelGet,
-)
+FIND_MODELS = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
+MOVE_MODELS = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
+GET_MODELS = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 #: A proposal holds at most 128 presentation contexts (PS3.8 9.3.2.2, odd IDs 1-255).
 MAX_CONTEXTS = 128
 
@@ -57,10 +58,13 @@ MAX_CONTEXTS = 128
 def scp_contexts() -> list[PresentationContext]:
     """What the SCP accepts: Verification, storage, and Query/Retrieve (Patient Root and
     Study Root; FIND, MOVE, GET). A C-GET requestor's proposal to be the storage SCP on
-    a storage context (role selection) is accepted, so C-GET can send to it."""
-    contexts = [build_context(Verification, _QUERY_SYNTAXES)]
+    a storage context (role selection) is accepted, so C-GET can send to it.
+
+    Add them with ``add_supported_context`` (the ``supported_contexts`` setter of
+    pynetdicom's AE drops the roles)."""
+    contexts = [build_context(VERIFICATION, _QUERY_SYNTAXES)]
     for sop_class in STORAGE_SOP_CLASSES:
-        context = build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        context = build_context(sop_class, list[str | UID](ACCEPTED_TRANSFER_SYNTAXES))
         # (scu_role, scp_role) of the acceptor, as pynetdicom's qrscp sets them: a plain
         # proposal keeps the default roles, an SCP-role proposal inverts them.
         context.scu_role, context.scp_role = False, True
@@ -85,7 +89,7 @@ def sending_contexts(
         if len(contexts) >= MAX_CONTEXTS:
             left.append((sop_class, syntax))
             continue
-        syntaxes = [syntax]
+        syntaxes: list[str | UID] = [syntax]
         if UID(syntax) in _UNCOMPRESSED:
             syntaxes += [ts for ts in _UNCOMPRESSED if ts != syntax]
         contexts.append(build_context(sop_class, syntaxes))
@@ -105,7 +109,7 @@ def get_contexts(
     common ones that fit), offering uncompressed syntaxes first."""
     classes = list(sop_classes) if sop_classes is not None else list(STORAGE_SOP_CLASSES)
     classes = classes[: MAX_CONTEXTS - 1]
-    syntaxes = list(_UNCOMPRESSED) + [
+    syntaxes: list[str | UID] = list(_UNCOMPRESSED) + [
         ts for ts in ACCEPTED_TRANSFER_SYNTAXES if UID(ts) not in _UNCOMPRESSED
     ]
     contexts = [build_context(model, _QUERY_SYNTAXES)]
@@ -120,7 +124,15 @@ __all__ = [
     "GET_MODELS",
     "MAX_CONTEXTS",
     "MOVE_MODELS",
+    "PATIENT_ROOT_FIND",
+    "PATIENT_ROOT_GET",
+    "PATIENT_ROOT_MOVE",
     "STORAGE_SOP_CLASSES",
+    "STUDY_ROOT_FIND",
+    "STUDY_ROOT_GET",
+    "STUDY_ROOT_MODELS",
+    "STUDY_ROOT_MOVE",
+    "VERIFICATION",
     "get_contexts",
     "query_contexts",
     "scp_contexts",

@@ -32,6 +32,7 @@ from medlake.dicomweb.search import (
     ready_extended_tags,
     to_dicom_json,
 )
+from medlake.dimse.contexts import STUDY_ROOT_MODELS
 from medlake.errors import InvalidInput
 from medlake.index.qido import MAX_LIMIT, ExtendedTag, QidoQuery, fetch_page, row_key
 from medlake.ingest.archive import Archive
@@ -69,8 +70,6 @@ _UNIQUE_KEYS = {
     "SERIES": (0x0020000D, 0x0020000E),
     "IMAGE": (0x0020000D, 0x0020000E, 0x00080018),
 }
-_STUDY_ROOT_UIDS = frozenset({"1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2",
-                              "1.2.840.10008.5.1.4.1.2.2.3"})  # fmt: skip
 
 
 class InvalidIdentifier(InvalidInput):
@@ -106,7 +105,7 @@ def query_level(identifier: Dataset, model: str) -> str:
             f"QueryRetrieveLevel {level or '(missing)'!r} is not one of "
             "PATIENT, STUDY, SERIES, IMAGE"
         )
-    if level == "PATIENT" and model in _STUDY_ROOT_UIDS:
+    if level == "PATIENT" and model in STUDY_ROOT_MODELS:
         raise InvalidIdentifier("the Study Root information model has no PATIENT level")
     return level
 
@@ -152,8 +151,10 @@ def _returnable(tag: int, level: str, extended: dict[int, ExtendedTag]) -> bool:
     if tag == _RETRIEVE_AE_TITLE or tag in _UNIQUE_KEYS[level]:
         return True
     if level == "PATIENT":
-        return tag in _PATIENT_TAGS or tag in _PATIENT_COUNTS or (
-            tag >> 16 == 0x0010 and extra_level(tag) is Level.STUDY
+        return (
+            tag in _PATIENT_TAGS
+            or tag in _PATIENT_COUNTS
+            or (tag >> 16 == 0x0010 and extra_level(tag) is Level.STUDY)
         )
     if tag == 0x00080056:  # InstanceAvailability
         return True

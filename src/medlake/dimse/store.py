@@ -28,6 +28,7 @@ from medlake.dimse.ae_registry import CallingAeRules
 from medlake.dimse.association_batch import AssociationBatch
 from medlake.errors import MedlakeError, StorageError
 from medlake.ingest.archive import Archive
+from medlake.ingest.inspect import HEAD_BYTES
 from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.ingest.validation import rule_of
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 NOT_AUTHORISED = 0x0124
-#: Bytes of the file kept in memory for the header parse (as the STOW-RS receiver keeps).
-_HEAD = 64 << 10
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
@@ -81,9 +80,7 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
     if result.ok:
         return status(SUCCESS)
     error = result.error or MedlakeError("the instance was not stored")
-    log.info(
-        "C-STORE of %s from %s refused: %s", sop_uid, context.rules.calling_ae, error.message
-    )
+    log.info("C-STORE of %s from %s refused: %s", sop_uid, context.rules.calling_ae, error.message)
     return status(error.dicom_reason, error.message)
 
 
@@ -107,7 +104,7 @@ def stage(archive: Archive, event: Any, calling_ae: str) -> ReceivedFile:
     except OSError:
         target.unlink(missing_ok=True)
         raise
-    head = header + bytes(body[: max(_HEAD - len(header), 0)])
+    head = header + bytes(body[: max(HEAD_BYTES - len(header), 0)])
     return ReceivedFile(target, len(header) + len(body), digest.hexdigest(), head)
 
 
@@ -128,7 +125,7 @@ def _adopt(source: Path, target: Path) -> ReceivedFile:
     with source.open("rb") as fh:
         while chunk := fh.read(1 << 20):
             if not head:
-                head = chunk[:_HEAD]
+                head = chunk[:HEAD_BYTES]
             digest.update(chunk)
             size += len(chunk)
     try:

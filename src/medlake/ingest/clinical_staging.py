@@ -71,7 +71,9 @@ def check_file(path: Path, source: str, rules: RuleConfig) -> ClinicalCheck:
     fmt = "csv" if suffix_of(source) == ".csv" else "ndjson"
     check = ClinicalCheck(table_of(source) if fmt == "csv" else "", fmt)
     try:
-        problem = _check_csv(path, check, rules) if fmt == "csv" else _check_ndjson(path, check, rules)
+        problem = (
+            _check_csv(path, check, rules) if fmt == "csv" else _check_ndjson(path, check, rules)
+        )
     except UnicodeDecodeError as exc:
         problem = f"not UTF-8 text: {exc.reason} at byte {exc.start}"
     except OSError as exc:
@@ -164,8 +166,9 @@ def _patient_of(resource: dict[str, object]) -> str:
         return str(resource.get("id") or "")
     for key in ("subject", "patient"):
         ref = resource.get(key)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"].rsplit("/", 1)[-1]
+        reference = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(reference, str):
+            return reference.rsplit("/", 1)[-1]
     return ""
 
 
@@ -369,6 +372,8 @@ def _staged_elsewhere(archive: Archive, key: str) -> bool:
     """Whether another committed clinical file row uses ``key`` (same bytes, same table)."""
     with archive.engine.connect() as conn:
         return (
-            conn.execute(select(clinical_files.c.id).where(clinical_files.c.blob_key == key)).first()
+            conn.execute(
+                select(clinical_files.c.id).where(clinical_files.c.blob_key == key)
+            ).first()
             is not None
         )

@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +55,8 @@ from medlake.ingest.events import (
 )
 from medlake.ingest.inspect import Inspection, flush_filesystem, submit_staging
 from medlake.ingest.queue import (
-    WorkItem,
     Worker,
+    WorkItem,
     claim,
     enqueue,
     queued_size,
@@ -215,11 +214,10 @@ def run_batch(
                     stopping = True
             if stop is not None and stop.is_set():
                 stopping = True
+            if stopping:
+                _give_back(archive, worker, ahead)  # claimed ahead, not stored: not ours now
     except BaseException:
-        for chunk in ahead:  # claimed but not stored: give them back at once
-            for future in chunk.futures:
-                future.cancel()
-        release(archive.engine, worker, [i.id for c in ahead for i in c.items])
+        _give_back(archive, worker, ahead)
         raise
     finally:
         clean_worker(archive, batch_id, worker)
@@ -230,6 +228,22 @@ def run_batch(
     if finalize and batch.status == BatchStatus.RUNNING and not unfinished:
         batch = finish(archive, batch_id, hub)
     return batch
+
+
+def _give_back(archive: Archive, worker: Worker, ahead: collections.deque[_Chunk]) -> None:
+    """Release the chunks claimed ahead; their staging copies are waited for (a worker
+    still writing one must not outlive the cleanup of the folder) and dropped."""
+    for chunk in ahead:
+        for future in chunk.futures:
+            future.cancel()
+    for chunk in ahead:
+        for future in chunk.futures:
+            if not future.cancelled():
+                _wait(future)
+        for target in chunk.targets:
+            target.unlink(missing_ok=True)
+    release(archive.engine, worker, [i.id for c in ahead for i in c.items])
+    ahead.clear()
 
 
 def _store_chunk(

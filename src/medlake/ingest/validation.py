@@ -37,7 +37,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydicom.uid import UID_dictionary
+from pydicom._uid_dict import UID_dictionary  # the registry of PS3.6 UIDs
 
 from medlake.config import Settings
 from medlake.dicom.parse import ParsedInstance

@@ -1,0 +1,258 @@
+"""The DIMSE server: Verification, Storage and Query/Retrieve SCP on one port.
+
+:class:`DimseServer` runs pynetdicom's threaded association server (one thread per
+association, beside whatever else the process runs, e.g. uvicorn in ``medlake
+serve``). At each association request the calling AE title is looked up
+(:func:`~medlake.dimse.ae_registry.calling_ae_rules`): an AE that may not connect is
+rejected (result 1 rejected-permanent, source 1 service-user, reason 3 calling AE
+title not recognised); the others get a session with their partition, permissions
+and the association's ingest batch, which every handler of the association uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from medlake.dimse._transport import EventDrivenRequestHandler, set_tcp_nodelay
+from medlake.dimse.ae_registry import calling_ae_rules, check_ae_title
+from medlake.dimse.association_batch import AssociationBatch, open_association_batch
+from medlake.dimse.contexts import scp_contexts
+from medlake.dimse.echo import handle_echo
+from medlake.dimse.find import InvalidIdentifier, find
+from medlake.dimse.move_get import handle_get, handle_move
+from medlake.dimse.store import NOT_AUTHORISED, StoreContext, handle_store, status
+from medlake.errors import MedlakeError, NetworkError
+from medlake.ingest.archive import Archive
+
+log = logging.getLogger(__name__)
+
+#: A-ASSOCIATE-RJ (result, source, reason): permanent, service user, calling AE unknown.
+REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)
+#: Transient, service user, no reason: the index could not be asked.
+REJECT_TRANSIENT = (0x02, 0x01, 0x01)
+_C_STORE_RQ = 0x0001
+
+
+def new_ae(archive: Archive, ae_title: str | None = None) -> AE:
+    """A pynetdicom AE with medlake's title, PDU size and timeouts (SCP and SCU)."""
+    settings = archive.settings
+    ae = AE(ae_title=check_ae_title(ae_title or settings.ae_title, "ae_title"))
+    ae.maximum_pdu_size = settings.dimse_max_pdu
+    ae.maximum_associations = settings.dimse_max_associations
+    ae.network_timeout = settings.dimse_timeout
+    ae.acse_timeout = settings.dimse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.connection_timeout = settings.dimse_timeout
+    return ae
+
+
+class DimseServer:
+    """medlake's DIMSE SCP, started with :meth:`start` and stopped with :meth:`stop`."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ae_title: str | None = None,
+    ) -> None:
+        settings = archive.settings
+        self.archive = archive
+        self.host = host or settings.dimse_host or settings.host
+        self.port = settings.dimse_port if port is None else port
+        self.ae = new_ae(archive, ae_title)
+        for context in scp_contexts():
+            self.ae.add_supported_context(
+                str(context.abstract_syntax), context.transfer_syntax,
+                scu_role=context.scu_role, scp_role=context.scp_role,
+            )  # fmt: skip
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self._sessions: dict[Association, StoreContext] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def ae_title(self) -> str:
+        """The AE title the server answers as."""
+        return str(self.ae.ae_title)
+
+    def start(self) -> DimseServer:
+        """Listen on (host, port) and serve associations in background threads; with port
+        0 a free port is taken (see :attr:`port`). :class:`NetworkError` if it cannot."""
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        try:
+            server = self.ae.make_server(
+                (self.host, self.port),
+                evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
+                request_handler=EventDrivenRequestHandler,
+            )
+        except OSError as exc:
+            raise NetworkError(
+                f"cannot listen for DIMSE on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        self.ae._servers.append(server)  # pynetdicom's shutdown() removes it from there
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"dimse-{self.port}", daemon=True
+        )
+        self._thread.start()
+        log.info("DIMSE SCP %s listening on %s:%s", self.ae_title, self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, abort open associations and close their batches."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        for assoc in list(server.active_associations):
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            session.batch.close("server stopped")
+
+    def __enter__(self) -> DimseServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # --- association life -------------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        try:
+            rules = calling_ae_rules(self.archive, calling)
+        except (SQLAlchemyError, MedlakeError) as exc:
+            log.error("cannot check calling AE %r: %s", calling, exc)
+            _reject(assoc, REJECT_TRANSIENT)
+            return
+        if rules is None:
+            log.warning(
+                "association from unknown calling AE %r (%s) rejected: dimse_require_known_ae",
+                calling, assoc.requestor.address,
+            )  # fmt: skip
+            _reject(assoc, REJECT_UNKNOWN_CALLING_AE)
+            return
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        source = f"dimse://{calling}@{peer} -> {self.ae_title}"
+        batch = open_association_batch(self.archive, rules.partition, source)
+        with self._lock:
+            self._sessions[assoc] = StoreContext(rules, batch)
+
+    def _session(self, event: evt.Event) -> StoreContext:
+        with self._lock:
+            session = self._sessions.get(event.assoc)
+        if session is None:  # cannot happen: every accepted association got one
+            raise NetworkError("association without a session")
+        return session
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event.assoc, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        with self._lock:
+            session = self._sessions.get(event.assoc)
+        if session is not None:
+            _record_interrupted_store(event.assoc, session.batch)
+        self._end(event.assoc, "aborted")
+
+    def _on_closed(self, event: evt.Event) -> None:
+        self._end(event.assoc, "closed")
+
+    def _end(self, assoc: Association, how: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(assoc, None)
+        if session is not None:
+            session.batch.close(how)
+
+    # --- services -----------------------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        return handle_store(self.archive, self._session(event), event)
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+        rules = self._session(event).rules
+        if not rules.allow_query:
+            yield status(NOT_AUTHORISED, f"AE {rules.calling_ae} may not query"), None
+            return
+        try:
+            identifier = event.identifier
+            model = str(event.request.AffectedSOPClassUID)
+            yield from find(
+                self.archive, identifier, rules.partition, model,
+                retrieve_ae_title=self.ae_title, cancelled=lambda: bool(event.is_cancelled),
+            )  # fmt: skip
+        except InvalidIdentifier as exc:
+            yield status(exc.dicom_reason, exc.message), None
+        except (MedlakeError, SQLAlchemyError) as exc:
+            log.error("C-FIND from %s failed: %s", rules.calling_ae, exc)
+            yield status(0xA700, str(exc)), None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # undecodable
+            yield status(0xA900, f"cannot read the identifier: {exc}"), None
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        return handle_move(self.archive, self._session(event).rules, event)
+
+    def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        return handle_get(self.archive, self._session(event).rules, event)
+
+
+def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
+    """Refuse an association request from an EVT_REQUESTED handler (as pynetdicom's own
+    checks do: send A-ASSOCIATE-RJ, then wait for the peer to close)."""
+    assoc.acse.send_reject(*reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _record_interrupted_store(assoc: Association, batch: AssociationBatch) -> None:
+    """A C-STORE whose data set was still arriving when the association ended: nothing
+    was stored; record it (pynetdicom keeps the half-received message on its DIMSE)."""
+    message = getattr(assoc.dimse, "message", None)
+    command = getattr(message, "command_set", None)
+    if command is None or command.get("CommandField") != _C_STORE_RQ:
+        return
+    data = getattr(message, "data_set", None)
+    received = len(data.getbuffer()) if isinstance(data, BytesIO) else 0
+    sop_uid = str(command.get("AffectedSOPInstanceUID", "") or "") or None
+    text = (
+        f"the association ended (aborted) after {received} bytes of the data set of SOP "
+        f"Instance {sop_uid or '(unknown)'}; nothing was stored"
+    )
+    log.warning("C-STORE from %s interrupted: %s", assoc.requestor.ae_title, text)
+    batch.record_failure(
+        int(command.get("MessageID", 0) or 0), sop_uid, received, "unreadable", text
+    )
+
+
+__all__ = ["REJECT_UNKNOWN_CALLING_AE", "DimseServer", "new_ae"]
