@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-ingest clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ lint: install
 
 bench: install  ## medlake vs Orthanc peer benchmark (~5 min); results in bench-results/
 	benchmarks/dicomweb_vs_orthanc.sh
+
+bench-ingest: install  ## medlake ingest vs cp -r + sync, 100k small files (~20 min); bench-results/
+	benchmarks/ingest_vs_cp.sh
 
 clean:
 	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache

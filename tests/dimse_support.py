@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from tests.conftest import PG_ADMIN, PG_URL
@@ -159,6 +160,28 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def storescu_profile(folder: Path, target: Path) -> list[str]:
+    """A storescu configuration proposing each file's own (SOP Class, transfer syntax)
+    in a context of its own, so nothing is converted on the way (storescu proposes only
+    uncompressed syntaxes by default); the arguments that select it."""
+    pairs = sorted(
+        {
+            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+            for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in folder.iterdir())
+        }
+    )
+    syntaxes = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(syntaxes):
+        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Files]"]
+    for n, (sop_class, ts) in enumerate(pairs, start=1):
+        lines.append(f"PresentationContext{n} = {sop_class}\\TS{syntaxes.index(ts)}")
+    lines += ["[[Profiles]]", "[Files]", "PresentationContexts = Files"]
+    target.write_text("\n".join(lines) + "\n")
+    return ["-xf", str(target), "Files"]
+
+
 def fresh_copy(name: str, folder: Path, **attributes: object) -> Path:
     """A pydicom test file with new UIDs (and the given attributes) in ``folder``."""
     source = get_testdata_file(name)
@@ -222,4 +245,5 @@ __all__ = [
     "run_dcmtk",
     "scp",
     "storescp",
+    "storescu_profile",
 ]

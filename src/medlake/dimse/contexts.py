@@ -74,6 +74,35 @@ def scp_contexts() -> list[PresentationContext]:
     return contexts
 
 
+def prefer_proposed_syntaxes(
+    supported: Sequence[PresentationContext], proposed: Sequence[PresentationContext]
+) -> list[PresentationContext]:
+    """``supported`` with each abstract syntax's transfer syntaxes in the order the
+    requestor ``proposed`` them (then the rest).
+
+    pynetdicom accepts the first transfer syntax in the *acceptor's* order. medlake
+    stores what it receives, so the requestor's own first choice (its native syntax,
+    compressed or big endian) is the better one: nothing gets converted on the way.
+    """
+    order: dict[str, list[str]] = {}
+    for context in proposed:
+        wanted = order.setdefault(str(context.abstract_syntax), [])
+        wanted.extend(str(ts) for ts in context.transfer_syntax if str(ts) not in wanted)
+    result = []
+    for context in supported:
+        first = order.get(str(context.abstract_syntax), [])
+        ours = [str(ts) for ts in context.transfer_syntax]
+        first = [ts for ts in first if ts in ours]
+        if not first:
+            result.append(context)
+            continue
+        syntaxes: list[str | UID] = [*first, *(ts for ts in ours if ts not in first)]
+        reordered = build_context(str(context.abstract_syntax), syntaxes)
+        reordered.scu_role, reordered.scp_role = context.scu_role, context.scp_role
+        result.append(reordered)
+    return result
+
+
 def sending_contexts(
     pairs: Iterable[tuple[str, str]],
 ) -> tuple[list[PresentationContext], list[tuple[str, str]]]:
@@ -134,6 +163,7 @@ __all__ = [
     "STUDY_ROOT_MOVE",
     "VERIFICATION",
     "get_contexts",
+    "prefer_proposed_syntaxes",
     "query_contexts",
     "scp_contexts",
     "sending_contexts",

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from medlake.dimse._transport import EventDrivenRequestHandler, set_tcp_nodelay
 from medlake.dimse.ae_registry import calling_ae_rules, check_ae_title
 from medlake.dimse.association_batch import AssociationBatch, open_association_batch
-from medlake.dimse.contexts import scp_contexts
+from medlake.dimse.contexts import prefer_proposed_syntaxes, scp_contexts
 from medlake.dimse.echo import handle_echo
 from medlake.dimse.find import InvalidIdentifier, find
 from medlake.dimse.move_get import handle_get, handle_move
@@ -149,7 +149,9 @@ class DimseServer:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
+        request = assoc.requestor.primitive  # the A-ASSOCIATE-RQ; negotiation comes next
+        assert request is not None
+        calling = str(request.calling_ae_title or "").strip()
         try:
             rules = calling_ae_rules(self.archive, calling)
         except (SQLAlchemyError, MedlakeError) as exc:
@@ -163,6 +165,10 @@ class DimseServer:
             )  # fmt: skip
             _reject(assoc, REJECT_UNKNOWN_CALLING_AE)
             return
+        assoc.acceptor.supported_contexts = prefer_proposed_syntaxes(
+            assoc.acceptor.supported_contexts,
+            request.presentation_context_definition_list,
+        )
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         source = f"dimse://{calling}@{peer} -> {self.ae_title}"
         batch = open_association_batch(self.archive, rules.partition, source)
@@ -187,7 +193,19 @@ class DimseServer:
         self._end(event.assoc, "aborted")
 
     def _on_closed(self, event: evt.Event) -> None:
-        self._end(event.assoc, "closed")
+        """The connection closed: the batch is normally closed already (EVT_RELEASED /
+        EVT_ABORTED); if not (the association's threads died), close it once the
+        association thread has finished, so that no handler is still storing."""
+        assoc = event.assoc
+        if threading.current_thread() is assoc:
+            self._end(assoc, "closed")
+            return
+
+        def end_when_done() -> None:
+            assoc.join(timeout=self.archive.settings.dimse_timeout + 30)
+            self._end(assoc, "closed")
+
+        threading.Thread(target=end_when_done, name="dimse-close", daemon=True).start()
 
     def _end(self, assoc: Association, how: str) -> None:
         with self._lock:

@@ -115,9 +115,8 @@ def _why_not_established(assoc: Association, peer: Peer) -> str:
             f"{peer} rejected the association (result {rj.result}, source {rj.result_source}, "
             f"reason {rj.diagnostic}: {rj.reason_str})"
         )
-    if assoc.is_aborted:
-        return f"{peer} aborted the association request"
-    return f"cannot connect to {peer}"
+    # pynetdicom reports a refused connection as an abort, too.
+    return f"cannot connect to {peer}, or it aborted the association request"
 
 
 def echo(archive: Archive, peer: Peer) -> int:

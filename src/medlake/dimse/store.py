@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from medlake.ingest.validation import rule_of
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+_UID = re.compile(r"\b[0-9]+(\.[0-9]+){3,}\b")
 NOT_AUTHORISED = 0x0124
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
@@ -48,11 +50,16 @@ class StoreContext:
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
-    """A C-STORE / C-FIND / C-MOVE / C-GET status, with an Error Comment (LO, 64 chars)."""
+    """A C-STORE / C-FIND / C-MOVE / C-GET status, with an Error Comment.
+
+    The comment is an LO (64 characters), so UIDs are left out of it: the peer knows
+    which instance or identifier it sent, and the reason is what has to fit.
+    """
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment.replace("\\", "/")[:64]
+        text = " ".join(_UID.sub("", comment).replace("\\", "/").split())
+        ds.ErrorComment = text[:64]
     return ds
 
 

@@ -50,11 +50,38 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Apply every pending migration (a fresh database gets the whole schema)."""
+    """Apply every pending migration (a fresh database gets the whole schema).
+
+    On SQLite the migration runs in one ``BEGIN IMMEDIATE`` transaction of its own:
+    the sqlite3 module would otherwise commit each CREATE TABLE on its own, so a
+    process killed mid-migration (``kill -9`` during start-up) would leave tables
+    without the Alembic version that names them, and every later start would fail.
+    The immediate write lock also makes two processes that start at once migrate
+    one after the other.
+    """
+    target = _transactional_sqlite(engine) if engine.dialect.name == "sqlite" else engine
     try:
-        command.upgrade(alembic_config(engine), "head")
+        command.upgrade(alembic_config(target), "head")
     except OperationalError as exc:
         raise DatabaseUnavailable(f"cannot reach the index database: {exc.orig}") from exc
+    finally:
+        if target is not engine:
+            target.dispose()
+
+
+def _transactional_sqlite(engine: Engine) -> Engine:
+    """A short-lived engine on the same SQLite file whose transactions include DDL."""
+    migrating = create_engine(
+        engine.url, connect_args={"timeout": 30, "check_same_thread": False}
+    )
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        _sqlite_pragmas(dbapi_connection, record)
+        dbapi_connection.isolation_level = None  # sqlite3 issues no BEGIN/COMMIT itself
+
+    event.listen(migrating, "connect", connect)
+    event.listen(migrating, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return migrating
 
 
 def open_index(url: str) -> Engine:
