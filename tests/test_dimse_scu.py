@@ -38,7 +38,10 @@ from medlake.ingest.archive import Archive
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[DimseServer]:
     """Another medlake (SQLite) with its own SCP: the "other PACS"."""
-    archive = Archive.open(Settings(data=tmp_path / "peer", ae_title="PEER"))
+    folder = tmp_path / "peer"  # its own index, whatever MEDLAKE_DATABASE_URL says
+    archive = Archive.open(
+        Settings(data=folder, database_url=f"sqlite:///{folder / 'index.sqlite'}", ae_title="PEER")
+    )
     server = DimseServer(archive, host="127.0.0.1", port=0).start()
     try:
         yield server

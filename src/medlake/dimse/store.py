@@ -5,8 +5,7 @@ conflicts, batch records and error rows as STOW-RS).
 
 The data set is written as received (no decoding, no re-encoding), behind File Meta
 Information made from the request: Media Storage SOP Class/Instance UID from the
-C-STORE request, Transfer Syntax UID of the presentation context, and the calling
-AE title as Source Application Entity Title.
+C-STORE request, Transfer Syntax UID of the presentation context.
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
             NOT_AUTHORISED, f"AE {context.rules.calling_ae} may not store (allow_store off)"
         )
     try:
-        received = stage(archive, event, context.rules.calling_ae)
+        received = stage(archive, event)
     except (OSError, MedlakeError) as exc:
         error = exc if isinstance(exc, MedlakeError) else StorageError(f"staging failed: {exc}")
         context.batch.record_failure(message_id, sop_uid, 0, rule_of(error), error.message)
@@ -91,15 +90,15 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
     return status(error.dicom_reason, error.message)
 
 
-def stage(archive: Archive, event: Any, calling_ae: str) -> ReceivedFile:
+def stage(archive: Archive, event: Any) -> ReceivedFile:
     """Write the received data set as a Part-10 file into staging, hashing it on the way."""
     target = archive.staging_dir / f"{uuid.uuid4().hex}.part"
     dataset_path = _dataset_path(event)
     if dataset_path is not None:
         return _adopt(dataset_path, target)
-    meta = event.file_meta
-    meta.SourceApplicationEntityTitle = calling_ae
-    header = _PREAMBLE + encode_file_meta(meta)
+    # The File Meta is the same whoever sends the instance (no Source AE title: the batch
+    # records the calling AE), so the same data set sent again is a duplicate, not a conflict.
+    header = _PREAMBLE + encode_file_meta(event.file_meta)
     data = event.request.DataSet
     body = data.getbuffer() if isinstance(data, BytesIO) else memoryview(bytes(data or b""))
     digest = hashlib.sha256(header)
