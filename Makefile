@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench bench-ingest clean
+.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ bench: install  ## medlake vs Orthanc peer benchmark (~5 min); results in bench-
 
 bench-ingest: install  ## medlake ingest vs cp -r + sync, 100k small files (~20 min); bench-results/
 	benchmarks/ingest_vs_cp.sh
+
+bench-dimse: install  ## DIMSE C-STORE rate and C-FIND latency vs Orthanc (~6 min; ORTHANC_RESULTS=... ~1 min)
+	benchmarks/dimse_vs_orthanc.sh
 
 clean:
 	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -57,8 +57,9 @@ def test_unknown_calling_ae_is_rejected_when_known_aes_are_required(
     assert assoc.is_rejected  # type: ignore[attr-defined]
     rejection = assoc.acceptor.primitive  # type: ignore[attr-defined]
     assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
-    result = run_dcmtk("echoscu", "-aet", "STRANGER", "-aec", server.ae_title, "127.0.0.1",
-                       str(server.port))  # fmt: skip
+    result = run_dcmtk(
+        "echoscu", "-aet", "STRANGER", "-aec", server.ae_title, "127.0.0.1", str(server.port)
+    )
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in output(result)
 
@@ -118,8 +119,9 @@ def test_a_registered_ae_stores_into_and_queries_its_partition(
         assoc.release()  # type: ignore[attr-defined]
 
     lake = LakeInspection(archive)
-    path = lake.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
-                              partition="research")  # fmt: skip
+    path = lake.instance_path(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, partition="research"
+    )
     assert path.is_file()
     assert _find_studies(server, "RESEARCHPACS") == (0, {str(ds.StudyInstanceUID)})
     assert _find_studies(server, "OTHER") == (0, set())  # default partition: empty
@@ -158,15 +160,21 @@ def test_permissions_of_a_registered_ae(
 
 
 def test_application_entities_api_round_trip(client: TestClient) -> None:
-    body = {"aeTitle": "PACS1", "host": "pacs.example.org", "port": 104,
-            "partition": "research", "description": "old PACS"}  # fmt: skip
+    body = {
+        "aeTitle": "PACS1",
+        "host": "pacs.example.org",
+        "port": 104,
+        "partition": "research",
+        "description": "old PACS",
+    }
 
     created = client.post("/application-entities", json=body)
     again = client.post("/application-entities", json=body)
     listed = client.get("/application-entities")
     one = client.get("/application-entities/PACS1")
-    replaced = client.put("/application-entities/PACS1",
-                          json={"host": "10.0.0.5", "port": 11112, "allowStore": False})  # fmt: skip
+    replaced = client.put(
+        "/application-entities/PACS1", json={"host": "10.0.0.5", "port": 11112, "allowStore": False}
+    )
     new = client.put("/application-entities/PACS2", json={"host": "10.0.0.6", "port": 104})
     deleted = client.delete("/application-entities/PACS1")
     gone = client.get("/application-entities/PACS1")

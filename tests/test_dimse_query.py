@@ -12,13 +12,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
-from tests.dimse_support import (  # noqa: F401 - fixtures
+from tests.dimse_support import (
     RunningScp,
-    module_archive,
-    module_db_url,
     output,
     run_dcmtk,
-    scp,
 )
 
 from medlake.cli.demo_data import write_demo_studies
@@ -119,8 +116,11 @@ def test_c_find_matches_what_qido_matches(
     assert set(statuses[:-1]) == {0xFF00}
 
 
-UNIQUE_KEYWORDS = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
-                   "IMAGE": "SOPInstanceUID"}  # fmt: skip
+UNIQUE_KEYWORDS = {
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
 
 
 def test_hierarchical_series_and_image_queries_within_a_study(
@@ -131,10 +131,15 @@ def test_hierarchical_series_and_image_queries_within_a_study(
 
     _, in_study = c_find(scp, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": ""})
     _, images = c_find(
-        scp, "IMAGE",
-        {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": "",
-         "InstanceNumber": ""},
-    )  # fmt: skip
+        scp,
+        "IMAGE",
+        {
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": series,
+            "SOPInstanceUID": "",
+            "InstanceNumber": "",
+        },
+    )
 
     assert {str(ds.SeriesInstanceUID) for ds in in_study} == qido_uids(
         scp, "SERIES", {"StudyInstanceUID": study}
@@ -146,12 +151,22 @@ def test_hierarchical_series_and_image_queries_within_a_study(
 
 def test_return_keys_carry_the_index_values(scp: RunningScp, demo: list[Path]) -> None:
     _, matches = c_find(
-        scp, "STUDY",
-        {"PatientID": "DEMO002", "StudyInstanceUID": "", "PatientName": "", "StudyDate": "",
-         "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "",
-         "NumberOfStudyRelatedInstances": "", "StudyDescription": "", "RetrieveAETitle": "",
-         "InstanceAvailability": "", "ReferringPhysicianName": ""},
-    )  # fmt: skip
+        scp,
+        "STUDY",
+        {
+            "PatientID": "DEMO002",
+            "StudyInstanceUID": "",
+            "PatientName": "",
+            "StudyDate": "",
+            "ModalitiesInStudy": "",
+            "NumberOfStudyRelatedSeries": "",
+            "NumberOfStudyRelatedInstances": "",
+            "StudyDescription": "",
+            "RetrieveAETitle": "",
+            "InstanceAvailability": "",
+            "ReferringPhysicianName": "",
+        },
+    )
 
     assert len(matches) == 1
     ds = matches[0]
@@ -168,8 +183,12 @@ def test_return_keys_carry_the_index_values(scp: RunningScp, demo: list[Path]) -
 
 
 def test_patient_level_groups_the_studies_of_a_patient(scp: RunningScp, demo: list[Path]) -> None:
-    keys = {"PatientID": "", "PatientName": "", "NumberOfPatientRelatedStudies": "",
-            "NumberOfPatientRelatedInstances": ""}  # fmt: skip
+    keys = {
+        "PatientID": "",
+        "PatientName": "",
+        "NumberOfPatientRelatedStudies": "",
+        "NumberOfPatientRelatedInstances": "",
+    }
     statuses, patients = c_find(scp, "PATIENT", keys, model=PATIENT_ROOT_FIND)
 
     by_id = {str(ds.PatientID): ds for ds in patients}
@@ -177,8 +196,9 @@ def test_patient_level_groups_the_studies_of_a_patient(scp: RunningScp, demo: li
     assert int(by_id["DEMO001"].NumberOfPatientRelatedStudies) == 2
     assert int(by_id["DEMO002"].NumberOfPatientRelatedInstances) == 8
     assert statuses[-1] == 0
-    _, one = c_find(scp, "PATIENT", {"PatientName": "roe*", "PatientID": ""},
-                    model=PATIENT_ROOT_FIND)  # fmt: skip
+    _, one = c_find(
+        scp, "PATIENT", {"PatientName": "roe*", "PatientID": ""}, model=PATIENT_ROOT_FIND
+    )
     assert [str(ds.PatientID) for ds in one] == ["DEMO002"]
 
 
@@ -194,10 +214,15 @@ def test_patient_root_study_level_query(scp: RunningScp, demo: list[Path]) -> No
 
 def test_unsupported_keys_are_left_out_with_status_ff01(scp: RunningScp, demo: list[Path]) -> None:
     statuses, matches = c_find(
-        scp, "STUDY",
-        {"PatientID": "DEMO002", "StudyInstanceUID": "", "ContrastBolusAgent": "",
-         "StationName": ""},  # not indexed; a series-level attribute
-    )  # fmt: skip
+        scp,
+        "STUDY",
+        {
+            "PatientID": "DEMO002",
+            "StudyInstanceUID": "",
+            "ContrastBolusAgent": "",
+            "StationName": "",
+        },  # not indexed; a series-level attribute
+    )
 
     assert len(matches) == 1
     assert statuses[:-1] == [0xFF01]
@@ -238,10 +263,23 @@ def test_invalid_identifiers_are_refused_with_a900(
 
 def test_findscu_lists_the_studies(scp: RunningScp, demo: list[Path]) -> None:
     result = run_dcmtk(
-        "findscu", "-S", "-aet", "FINDSCU", "-aec", scp.ae_title,
-        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=DOE*", "-k", "StudyInstanceUID",
-        "-k", "StudyDescription", "127.0.0.1", scp.port,
-    )  # fmt: skip
+        "findscu",
+        "-S",
+        "-aet",
+        "FINDSCU",
+        "-aec",
+        scp.ae_title,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientName=DOE*",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "StudyDescription",
+        "127.0.0.1",
+        scp.port,
+    )
 
     text = output(result)
     assert result.returncode == 0, text
@@ -251,10 +289,25 @@ def test_findscu_lists_the_studies(scp: RunningScp, demo: list[Path]) -> None:
 
 def test_findscu_patient_root_series_level(scp: RunningScp, demo: list[Path]) -> None:
     result = run_dcmtk(
-        "findscu", "-P", "-aet", "FINDSCU", "-aec", scp.ae_title,
-        "-k", "QueryRetrieveLevel=SERIES", "-k", "PatientID=DEMO001", "-k", "Modality=CT",
-        "-k", "SeriesInstanceUID", "-k", "StudyInstanceUID", "127.0.0.1", scp.port,
-    )  # fmt: skip
+        "findscu",
+        "-P",
+        "-aet",
+        "FINDSCU",
+        "-aec",
+        scp.ae_title,
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        "PatientID=DEMO001",
+        "-k",
+        "Modality=CT",
+        "-k",
+        "SeriesInstanceUID",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        scp.port,
+    )
 
     text = output(result)
     assert result.returncode == 0, text
@@ -272,8 +325,13 @@ def test_non_ascii_names_are_answered_in_utf8(
 ) -> None:
     from tests.dimse_support import fresh_copy
 
-    path = fresh_copy("CT_small.dcm", tmp_path, PatientName="Müller^Jürgen", PatientID="UML01",
-                      SpecificCharacterSet="ISO_IR 100")  # fmt: skip
+    path = fresh_copy(
+        "CT_small.dcm",
+        tmp_path,
+        PatientName="Müller^Jürgen",
+        PatientID="UML01",
+        SpecificCharacterSet="ISO_IR 100",
+    )
     ae = AE(ae_title="LOADER")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
@@ -282,7 +340,10 @@ def test_non_ascii_names_are_answered_in_utf8(
     finally:
         assoc.release()
 
-    _, matches = c_find(scp, "STUDY", {"PatientName": "MÜLLER*", "SpecificCharacterSet":
-                                       "ISO_IR 192", "PatientID": ""})  # fmt: skip
+    _, matches = c_find(
+        scp,
+        "STUDY",
+        {"PatientName": "MÜLLER*", "SpecificCharacterSet": "ISO_IR 192", "PatientID": ""},
+    )
     assert [str(ds.PatientName) for ds in matches] == ["Müller^Jürgen"]
     assert matches[0].SpecificCharacterSet == "ISO_IR 192"

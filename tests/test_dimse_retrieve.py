@@ -11,16 +11,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.dsutils import split_dataset
-from tests.dimse_support import (  # noqa: F401 - fixtures
+from tests.dimse_support import (
     RunningScp,
     StoreScp,
     fresh_copy,
-    module_archive,
-    module_db_url,
     output,
     run_dcmtk,
-    scp,
-    storescp,
 )
 
 from medlake.dimse.ae_registry import ApplicationEntity, add_ae, remove_ae
@@ -36,11 +32,24 @@ def study(scp: RunningScp, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     study_uid = pydicom.uid.generate_uid()
     mr_series, ct_series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     files = [
-        fresh_copy("MR_small.dcm", folder, StudyInstanceUID=study_uid,
-                   SeriesInstanceUID=mr_series, InstanceNumber=i + 1, PatientID="RET01")
+        fresh_copy(
+            "MR_small.dcm",
+            folder,
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=mr_series,
+            InstanceNumber=i + 1,
+            PatientID="RET01",
+        )
         for i in range(SERIES_SIZE)
-    ] + [fresh_copy("CT_small.dcm", folder, StudyInstanceUID=study_uid,
-                    SeriesInstanceUID=ct_series, PatientID="RET01")]  # fmt: skip
+    ] + [
+        fresh_copy(
+            "CT_small.dcm",
+            folder,
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=ct_series,
+            PatientID="RET01",
+        )
+    ]
     ae = AE(ae_title="LOADER")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
@@ -56,8 +65,9 @@ def study(scp: RunningScp, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 @pytest.fixture
 def destination(scp: RunningScp, storescp: StoreScp) -> StoreScp:
     """storescp registered as a C-MOVE destination of the SCP."""
-    add_ae(scp.archive, ApplicationEntity(storescp.ae_title, "127.0.0.1", storescp.port),
-           replace=True)  # fmt: skip
+    add_ae(
+        scp.archive, ApplicationEntity(storescp.ae_title, "127.0.0.1", storescp.port), replace=True
+    )
     return storescp
 
 
@@ -76,10 +86,21 @@ def test_movescu_moves_a_study_into_storescp(
     scp: RunningScp, study: dict[str, object], destination: StoreScp
 ) -> None:
     result = run_dcmtk(
-        "movescu", "-S", "-aet", "MOVESCU", "-aec", scp.ae_title, "-aem", destination.ae_title,
-        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study['study']}",
-        "127.0.0.1", scp.port,
-    )  # fmt: skip
+        "movescu",
+        "-S",
+        "-aet",
+        "MOVESCU",
+        "-aec",
+        scp.ae_title,
+        "-aem",
+        destination.ae_title,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study['study']}",
+        "127.0.0.1",
+        scp.port,
+    )
 
     assert result.returncode == 0, output(result)
     received = destination.files()
@@ -122,10 +143,21 @@ def test_c_move_to_an_unknown_destination_is_a801(
     scp: RunningScp, study: dict[str, object]
 ) -> None:
     result = run_dcmtk(
-        "movescu", "-S", "-aet", "MOVESCU", "-aec", scp.ae_title, "-aem", "NOWHERE",
-        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study['study']}",
-        "127.0.0.1", scp.port,
-    )  # fmt: skip
+        "movescu",
+        "-S",
+        "-aet",
+        "MOVESCU",
+        "-aec",
+        scp.ae_title,
+        "-aem",
+        "NOWHERE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study['study']}",
+        "127.0.0.1",
+        scp.port,
+    )
 
     assert "MoveDestinationUnknown" in output(result)
     identifier = Dataset()
@@ -166,10 +198,23 @@ def test_c_move_to_a_destination_that_does_not_answer_fails_cleanly(
 
 def test_getscu_gets_a_series(scp: RunningScp, study: dict[str, object], tmp_path: Path) -> None:
     result = run_dcmtk(
-        "getscu", "-S", "-aet", "GETSCU", "-aec", scp.ae_title, "-od", str(tmp_path),
-        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study['study']}",
-        "-k", f"SeriesInstanceUID={study['mr']}", "127.0.0.1", scp.port,
-    )  # fmt: skip
+        "getscu",
+        "-S",
+        "-aet",
+        "GETSCU",
+        "-aec",
+        scp.ae_title,
+        "-od",
+        str(tmp_path),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={study['study']}",
+        "-k",
+        f"SeriesInstanceUID={study['mr']}",
+        "127.0.0.1",
+        scp.port,
+    )
 
     assert result.returncode == 0, output(result)
     received = sorted(p for p in tmp_path.iterdir() if p.is_file())
@@ -199,8 +244,13 @@ def test_pynetdicom_c_get_of_single_instances(scp: RunningScp, study: dict[str, 
             cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         )
         roles.append(build_role(cx.abstract_syntax, scp_role=True))
-    assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp.server.port,
+        ae_title=scp.ae_title,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
     try:
         responses = list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
     finally:

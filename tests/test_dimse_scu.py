@@ -17,13 +17,12 @@ import orjson
 import pydicom
 import pytest
 from pynetdicom.dsutils import split_dataset
-from tests.dimse_support import (  # noqa: F401 - fixtures
+from tests.dimse_support import (
     StoreScp,
     free_port,
     fresh_copy,
     output,
     run_dcmtk,
-    storescp,
 )
 from tests.lake_inspection import LakeInspection
 from typer.testing import CliRunner
@@ -89,8 +88,21 @@ def _dataset_bytes(path: Path) -> bytes:
 
 
 def test_ae_commands(runner: CliRunner, data: Path, peer: DimseServer) -> None:
-    add = runner.invoke(app, ["ae", "add", "PEER", "127.0.0.1", str(peer.port),
-                              "--partition", "research", "--no-store", "--data", str(data)])  # fmt: skip
+    add = runner.invoke(
+        app,
+        [
+            "ae",
+            "add",
+            "PEER",
+            "127.0.0.1",
+            str(peer.port),
+            "--partition",
+            "research",
+            "--no-store",
+            "--data",
+            str(data),
+        ],
+    )
     dup = runner.invoke(app, ["ae", "add", "PEER", "127.0.0.1", "1", "--data", str(data)])
     listed = runner.invoke(app, ["ae", "list", "--json", "--data", str(data)])
     echo = runner.invoke(app, ["ae", "echo", "PEER", "--data", str(data)])
@@ -112,8 +124,10 @@ def test_ae_commands(runner: CliRunner, data: Path, peer: DimseServer) -> None:
 def test_send_files_to_another_medlake_byte_for_byte(
     runner: CliRunner, data: Path, tmp_path: Path, peer: DimseServer
 ) -> None:
-    files = _files(tmp_path / "src", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm",
-                                      "examples_ybr_color.dcm"])  # fmt: skip
+    files = _files(
+        tmp_path / "src",
+        ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "examples_ybr_color.dcm"],
+    )
     runner.invoke(app, ["ae", "add", "PEER", "127.0.0.1", str(peer.port), "--data", str(data)])
 
     result = runner.invoke(
@@ -136,12 +150,54 @@ def test_send_a_study_to_storescp_and_failures_exit_1(
     ingest = runner.invoke(app, ["ingest", str(tmp_path / "src"), "--data", str(data)])
     assert ingest.exit_code == 0, ingest.output
 
-    sent = runner.invoke(app, ["send", "--study", study, "--aec", "STORESCP", "--host",
-                               "127.0.0.1", "--port", str(storescp.port), "--data", str(data)])  # fmt: skip
-    down = runner.invoke(app, ["send", "--study", study, "--aec", "DOWN", "--host", "127.0.0.1",
-                               "--port", str(free_port()), "--data", str(data)])  # fmt: skip
-    missing = runner.invoke(app, ["send", "--study", "1.2.3.4", "--aec", "STORESCP", "--host",
-                                  "127.0.0.1", "--port", str(storescp.port), "--data", str(data)])  # fmt: skip
+    sent = runner.invoke(
+        app,
+        [
+            "send",
+            "--study",
+            study,
+            "--aec",
+            "STORESCP",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(storescp.port),
+            "--data",
+            str(data),
+        ],
+    )
+    down = runner.invoke(
+        app,
+        [
+            "send",
+            "--study",
+            study,
+            "--aec",
+            "DOWN",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--data",
+            str(data),
+        ],
+    )
+    missing = runner.invoke(
+        app,
+        [
+            "send",
+            "--study",
+            "1.2.3.4",
+            "--aec",
+            "STORESCP",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(storescp.port),
+            "--data",
+            str(data),
+        ],
+    )
 
     assert sent.exit_code == 0, sent.output
     assert len(storescp.files()) == 2
@@ -153,14 +209,31 @@ def test_retrieve_with_c_get_from_another_medlake(
     runner: CliRunner, data: Path, tmp_path: Path, ours: Archive, peer: DimseServer
 ) -> None:
     study = pydicom.uid.generate_uid()
-    files = _files(tmp_path / "src", ["CT_small.dcm", "MR_small.dcm", "MR_small.dcm"],
-                   StudyInstanceUID=study, PatientID="MIGR01")  # fmt: skip
+    files = _files(
+        tmp_path / "src",
+        ["CT_small.dcm", "MR_small.dcm", "MR_small.dcm"],
+        StudyInstanceUID=study,
+        PatientID="MIGR01",
+    )
     _store_at(peer, files)
-    runner.invoke(app, ["ae", "add", "PEER", "127.0.0.1", str(peer.port),
-                        "--partition", "migrated", "--data", str(data)])  # fmt: skip
+    runner.invoke(
+        app,
+        [
+            "ae",
+            "add",
+            "PEER",
+            "127.0.0.1",
+            str(peer.port),
+            "--partition",
+            "migrated",
+            "--data",
+            str(data),
+        ],
+    )
 
-    result = runner.invoke(app, ["retrieve", "--aec", "PEER", "--query", "PatientID=MIGR01",
-                                 "--data", str(data)])  # fmt: skip
+    result = runner.invoke(
+        app, ["retrieve", "--aec", "PEER", "--query", "PatientID=MIGR01", "--data", str(data)]
+    )
 
     assert result.exit_code == 0, result.output
     assert "1 studies match" in result.output
@@ -172,20 +245,42 @@ def test_retrieve_with_c_get_from_another_medlake(
 
 
 def test_retrieve_with_c_move_keeps_compressed_instances_as_stored(
-    runner: CliRunner, data: Path, tmp_path: Path, ours: Archive, peer: DimseServer,
+    runner: CliRunner,
+    data: Path,
+    tmp_path: Path,
+    ours: Archive,
+    peer: DimseServer,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     study = pydicom.uid.generate_uid()
-    files = _files(tmp_path / "src", ["JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm"],
-                   StudyInstanceUID=study)  # fmt: skip
+    files = _files(
+        tmp_path / "src",
+        ["JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm"],
+        StudyInstanceUID=study,
+    )
     _store_at(peer, files)
     our_port = free_port()
     monkeypatch.setenv("MEDLAKE_DIMSE_PORT", str(our_port))
     add_ae(peer.archive, ApplicationEntity("OURS", "127.0.0.1", our_port))  # the destination
 
-    result = runner.invoke(app, ["retrieve", "--method", "move", "--study", study, "--aec", "PEER",
-                                 "--host", "127.0.0.1", "--port", str(peer.port),
-                                 "--data", str(data)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "retrieve",
+            "--method",
+            "move",
+            "--study",
+            study,
+            "--aec",
+            "PEER",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(peer.port),
+            "--data",
+            str(data),
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     assert "3 instances completed" in result.output
@@ -244,8 +339,13 @@ def test_serve_and_dimse_run_the_scp_and_stop_it(command: str, tmp_path: Path, d
     dimse_port = free_port()
     args = [str(script), command, "--data", str(tmp_path / "data")]
     if command == "serve":
-        args += ["--http-port", str(free_port()), "--dimse-port", str(dimse_port),
-                 "--insecure-no-auth"]  # fmt: skip
+        args += [
+            "--http-port",
+            str(free_port()),
+            "--dimse-port",
+            str(dimse_port),
+            "--insecure-no-auth",
+        ]
     else:
         args += ["--port", str(dimse_port)]
     env = {**os.environ, "MEDLAKE_DATABASE_URL": db_url, "MEDLAKE_OHIF_DIST": str(tmp_path)}

@@ -20,16 +20,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 from tests.dicomweb_payloads import copy_with_uids
-from tests.dimse_support import (  # noqa: F401 - fixtures
+from tests.dimse_support import (
     MIXED_SYNTAXES,
     RunningScp,
     fresh_copy,
-    mixed_folder,
-    module_archive,
-    module_db_url,
     output,
     run_dcmtk,
-    scp,
     storescu_profile,
 )
 
@@ -84,9 +80,19 @@ def test_storescu_stores_every_transfer_syntax_as_received(
 
     profile = storescu_profile(mixed_folder, tmp_path / "storescu.cfg")
     result = run_dcmtk(
-        "storescu", *profile, "-aet", "MODALITY", "-aec", scp.ae_title, "+sd", "+r", "-nh",
-        "127.0.0.1", scp.port, str(mixed_folder),
-    )  # fmt: skip
+        "storescu",
+        *profile,
+        "-aet",
+        "MODALITY",
+        "-aec",
+        scp.ae_title,
+        "+sd",
+        "+r",
+        "-nh",
+        "127.0.0.1",
+        scp.port,
+        str(mixed_folder),
+    )
 
     assert result.returncode == 0, output(result)
     for name, syntax in MIXED_SYNTAXES.items():
@@ -170,6 +176,21 @@ def test_same_instance_again_is_success_and_other_bytes_are_a_conflict(
     assert "already stored" in conflict.ErrorComment
     stored = scp.lake.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     assert pydicom.dcmread(stored).PatientName != "OTHER^NAME"
+
+
+def test_the_same_instance_from_another_ae_is_a_duplicate(scp: RunningScp, tmp_path: Path) -> None:
+    path = fresh_copy("CT_small.dcm", tmp_path)
+    statuses = []
+    for title in ("MODALITY1", "ROUTER2"):
+        ae = _pynetdicom_ae((CT_IMAGE_STORAGE, [ExplicitVRLittleEndian]), title=title)
+        assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
+        try:
+            statuses.append(assoc.send_c_store(path).Status)
+        finally:
+            assoc.release()
+
+    assert statuses == [0x0000, 0x0000]
+    assert _dimse_batches(scp)[-1]["duplicates"] == 1
 
 
 def test_malformed_data_set_is_refused_recorded_and_nothing_stored(
@@ -258,8 +279,12 @@ def test_peer_abort_mid_transfer_stores_nothing_and_records_an_error(
     time.sleep(0.3)
     assoc.abort()
 
-    _wait_for(lambda: len(_dimse_batches(scp)) > batches_before and
-              _dimse_batches(scp)[-1]["status"] != "running")  # fmt: skip
+    _wait_for(
+        lambda: (
+            len(_dimse_batches(scp)) > batches_before
+            and _dimse_batches(scp)[-1]["status"] != "running"
+        )
+    )
     batch = _dimse_batches(scp)[-1]
     assert "ABORTER" in str(batch["source"])
     assert (batch["seen"], batch["stored"]) == (1, 0)

@@ -71,9 +71,10 @@ def test_messages_say_what_is_wrong(archive: Archive, tmp_path: Path) -> None:
     assert "empty (0 bytes)" in messages["zero-bytes.dcm"]
     assert "DICM" in messages["no-preamble.dcm"] or "Part 10" in messages["no-preamble.dcm"]
     assert "not a DICOM Part 10 file" in messages["notes.txt"]
-    assert "truncated" in messages["truncated.dcm"].lower() or "pixel" in messages[
-        "truncated.dcm"
-    ].lower()
+    assert (
+        "truncated" in messages["truncated.dcm"].lower()
+        or "pixel" in messages["truncated.dcm"].lower()
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 200], ids=["other-chunk", "same-chunk"])

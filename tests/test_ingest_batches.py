@@ -107,9 +107,7 @@ def test_a_batch_that_rejects_too_much_pauses_and_resumes(
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-def test_http_batches_show_and_errors(
-    client: TestClient, archive: Archive, tmp_path: Path
-) -> None:
+def test_http_batches_show_and_errors(client: TestClient, archive: Archive, tmp_path: Path) -> None:
     _mixed_folder(tmp_path / "src")
     batch = ingest(archive, str(tmp_path / "src"), "default", workers=0)
 

@@ -109,7 +109,8 @@ def test_schema_rule_can_warn_instead(settings: Settings, tmp_path: Path) -> Non
     src = tmp_path / "src"
     src.mkdir()
     (src / "labs.csv").write_text("patient_id,test\nP1,HB\n,CRP\n")
-    archive = Archive.open(settings.model_copy(update={"ingest_rules": {"clinical_schema": "warn"}}))
+    warn = {"ingest_rules": {"clinical_schema": "warn"}}
+    archive = Archive.open(settings.model_copy(update=warn))
     try:
         batch = ingest(archive, str(src), "default", workers=0)
         [warning] = errors_of(archive, batch.id)

@@ -215,9 +215,7 @@ def test_a_rejected_stow_part_changes_nothing_but_the_error_table(
 
 def test_bulk_ingest_uses_the_same_rules(settings: Settings, tmp_path: Path) -> None:
     make_instances(tmp_path / "src", 3, template="CT_small.dcm")
-    copy_with_uids(
-        Path(str(make_instances(tmp_path / "mr", 1)[0])), tmp_path / "src" / "mr.dcm"
-    )
+    copy_with_uids(Path(str(make_instances(tmp_path / "mr", 1)[0])), tmp_path / "src" / "mr.dcm")
     archive = Archive.open(settings.model_copy(update={"ingest_allowed_sop_classes": [MR_IMAGE]}))
     try:
         batch = ingest(archive, str(tmp_path / "src"), "default", workers=0)

@@ -18,7 +18,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -102,6 +102,10 @@ class DimseServer:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's default handlers format a log line per message; with its logger
+            # below INFO nobody would read them, and they cost per C-STORE.
+            _config.LOG_HANDLER_LEVEL = "none"
         try:
             server = self.ae.make_server(
                 (self.host, self.port),

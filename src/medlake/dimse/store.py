@@ -28,7 +28,7 @@ from medlake.dimse.ae_registry import CallingAeRules
 from medlake.dimse.association_batch import AssociationBatch
 from medlake.errors import MedlakeError, StorageError
 from medlake.ingest.archive import Archive
-from medlake.ingest.inspect import HEAD_BYTES
+from medlake.ingest.inspect import HEAD_BYTES, submit_inspection
 from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.ingest.validation import rule_of
 
@@ -79,8 +79,15 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
         log.error("C-STORE of %s from %s: %s", sop_uid, context.rules.calling_ae, error.message)
         return status(error.dicom_reason, error.message)
     ledger = context.batch.ledger(sop_uid, message_id)
+    # Parsed right here, not in a worker process: the SCU waits for this response before
+    # it sends anything else, so a worker would add its round trip and overlap nothing.
+    inspection = submit_inspection(
+        received.path, received.head, received.sha256, 0, durable=archive.settings.fsync
+    )
     try:
-        result = store_instances(archive, [received], context.rules.partition, ledger=ledger)[0]
+        result = store_instances(
+            archive, [received], context.rules.partition, inspections=[inspection], ledger=ledger
+        )[0]
     finally:
         context.batch.after_store(ledger)
     if result.ok:

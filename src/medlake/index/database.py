@@ -71,9 +71,7 @@ def migrate(engine: Engine) -> None:
 
 def _transactional_sqlite(engine: Engine) -> Engine:
     """A short-lived engine on the same SQLite file whose transactions include DDL."""
-    migrating = create_engine(
-        engine.url, connect_args={"timeout": 30, "check_same_thread": False}
-    )
+    migrating = create_engine(engine.url, connect_args={"timeout": 30, "check_same_thread": False})
 
     def connect(dbapi_connection: Any, record: Any) -> None:
         _sqlite_pragmas(dbapi_connection, record)

@@ -266,7 +266,7 @@ ingest_errors = Table(
     Column("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
     Column("source", Text, nullable=False),
     Column("rule", String(64), nullable=False),
-    Column("severity", String(8), nullable=False),  # reject | warn
+    Column("severity", String(8), nullable=False),  # reject | warn | error (not a rule)
     Column("message", Text, nullable=False),
     Column("sop_uid", UID),
     Column("kept_at", Text),  # where the rejected file was set aside

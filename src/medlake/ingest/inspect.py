@@ -4,8 +4,8 @@ Parsing a DICOM header is pure-Python work (about a millisecond per instance).
 Done in a worker process, it overlaps with the server receiving the next part
 of the same upload instead of queueing behind it; hashing and fsyncing the file
 there keep that CPU and disk wait off the server process too (the data is on
-disk by the time the batch is stored, which is then only a rename). With ``parse_workers = 0`` the same
-function runs in the calling process.
+disk by the time the batch is stored, which is then only a rename). With
+``parse_workers = 0`` the same function runs in the calling process.
 """
 
 from __future__ import annotations
@@ -235,15 +235,17 @@ def _copy_local(path: str, target: Path, link: bool) -> tuple[int, str, bytes]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Unreadable(f"cannot read {path}: not a regular file ({_file_kind(st.st_mode)})")
-        if not (link and _try_link(path, target)):
-            if not _copy_in_kernel(fd, st.st_size, target, path):
-                return _copy_stream(src, target, path)
+        linked = link and _try_link(path, target)
+        if not linked and not _copy_in_kernel(fd, st.st_size, target, path):
+            return _copy_stream(src, target, path)
     # Hash what was stored (the copy, from the page cache), not what the source became.
     try:
         with target.open("rb", buffering=0) as copied:
             return _hash_file(copied, str(target))
     except OSError as exc:
-        raise StorageError(f"cannot read back staging file {target}: {exc.strerror or exc}") from exc
+        raise StorageError(
+            f"cannot read back staging file {target}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _copy_in_kernel(fd: int, size: int, target: Path, name: str) -> bool:
@@ -387,39 +389,77 @@ def _syncfs() -> Any:
         return None
 
 
-def _stage_in_worker(
-    location: str,
-    target: Path,
+@dataclass(frozen=True)
+class StagingJob:
+    """One file for :func:`stage_and_inspect`: where it is read, where it is copied to."""
+
+    location: str
+    target: Path
+    parse: bool
+
+
+def _stage_many(
+    jobs: list[StagingJob],
     link: bool,
-    parse: bool,
     durable: bool,
     storage_options: dict[str, Any] | None,
-) -> Inspection:
-    return stage_and_inspect(
-        location, target, link=link, parse=parse, durable=durable, storage_options=storage_options
-    )
+) -> list[Inspection]:
+    return [
+        stage_and_inspect(
+            job.location, job.target, link=link, parse=job.parse, durable=durable,
+            storage_options=storage_options,
+        )
+        for job in jobs
+    ]  # fmt: skip
 
 
 def submit_staging(
-    location: str,
-    target: Path,
+    jobs: list[StagingJob],
     *,
     link: bool,
-    parse: bool,
     durable: bool,
     storage_options: dict[str, Any] | None,
     workers: int,
-) -> Future[Inspection]:
-    """:func:`stage_and_inspect` in one of ``workers`` processes (0 = right here)."""
-    if workers > 0:
-        return _pool(workers).submit(
-            _stage_in_worker, location, target, link, parse, durable, storage_options
+    per_task: int = 25,
+) -> tuple[list[Future[Inspection]], list[Future[list[Inspection]]]]:
+    """:func:`stage_and_inspect` for each job in ``workers`` processes (0 = right here).
+
+    Jobs go to the workers ``per_task`` at a time (one message each way per group
+    instead of per file: the dispatch costs a worker process about as much as copying a
+    small file). Returns one future per job, and the futures of the groups (to wait for
+    or cancel the work itself).
+    """
+    if workers <= 0:
+        done = _stage_many(jobs, link, durable, storage_options)
+        futures: list[Future[Inspection]] = []
+        for inspection in done:
+            future: Future[Inspection] = Future()
+            future.set_result(inspection)
+            futures.append(future)
+        return futures, []
+    pool = _pool(workers)
+    items: list[Future[Inspection]] = [Future() for _ in jobs]
+    groups: list[Future[list[Inspection]]] = []
+    for start in range(0, len(jobs), per_task):
+        group = pool.submit(
+            _stage_many, jobs[start : start + per_task], link, durable, storage_options
         )
-    done: Future[Inspection] = Future()
-    done.set_result(
-        stage_and_inspect(
-            location, target, link=link, parse=parse, durable=durable,
-            storage_options=storage_options,
-        )  # fmt: skip
-    )
-    return done
+        group.add_done_callback(_resolver(items[start : start + per_task]))
+        groups.append(group)
+    return items, groups
+
+
+def _resolver(items: list[Future[Inspection]]) -> Any:
+    def resolve(group: Future[list[Inspection]]) -> None:
+        try:
+            results = group.result()
+        except BaseException as exc:  # cancelled, or the worker process died
+            for item in items:
+                if item.set_running_or_notify_cancel():
+                    item.set_exception(exc)
+            return
+        for item, result in zip(items, results, strict=True):
+            if item.set_running_or_notify_cancel():
+                item.set_result(result)
+
+    return resolve

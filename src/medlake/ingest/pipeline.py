@@ -19,6 +19,7 @@ twice and nothing is stored twice.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import threading
@@ -53,7 +54,7 @@ from medlake.ingest.events import (
     FilesDiscovered,
     FilesProcessed,
 )
-from medlake.ingest.inspect import Inspection, flush_filesystem, submit_staging
+from medlake.ingest.inspect import Inspection, StagingJob, flush_filesystem, submit_staging
 from medlake.ingest.queue import (
     Worker,
     WorkItem,
@@ -138,6 +139,8 @@ class _Chunk:
     items: list[WorkItem]
     futures: list[Future[Inspection]]
     targets: list[Path]
+    #: The tasks in the worker processes that produce ``futures``.
+    groups: list[Future[list[Inspection]]]
 
 
 def run_batch(
@@ -166,6 +169,10 @@ def run_batch(
         queued, queued_bytes = queued_size(conn, batch_id)
     if batch.status != BatchStatus.RUNNING:
         return batch
+    if not batch.detail.get("discovered", True):  # stopped while listing its source
+        discover(archive, batch, hub)
+        with archive.engine.connect() as conn:
+            queued, queued_bytes = queued_size(conn, batch_id)
     hub.emit(BatchOpened(batch.id, batch.source, queued, queued_bytes))
     discovery = _discovery(archive, batch)
     folder = worker_staging(archive, batch_id, worker)
@@ -177,16 +184,16 @@ def run_batch(
 
     def submit(items: list[WorkItem]) -> _Chunk:
         targets = [folder / f"{item.id}.part" for item in items]
-        futures = [
-            submit_staging(
-                discovery.locate(item.source), target, link=settings.ingest_link_files,
-                parse=not is_clinical(item.source),
-                durable=settings.fsync and not flush_chunks,
-                storage_options=settings.ingest_source_options, workers=count,
-            )
+        jobs = [
+            StagingJob(discovery.locate(item.source), target, not is_clinical(item.source))
             for item, target in zip(items, targets, strict=True)
-        ]  # fmt: skip
-        return _Chunk(items, futures, targets)
+        ]
+        futures, groups = submit_staging(
+            jobs, link=settings.ingest_link_files, durable=settings.fsync and not flush_chunks,
+            storage_options=settings.ingest_source_options, workers=count,
+            per_task=max(1, min(25, len(jobs) // max(count * 2, 1))),
+        )  # fmt: skip
+        return _Chunk(items, futures, targets, groups)
 
     try:
         while True:
@@ -234,12 +241,13 @@ def _give_back(archive: Archive, worker: Worker, ahead: collections.deque[_Chunk
     """Release the chunks claimed ahead; their staging copies are waited for (a worker
     still writing one must not outlive the cleanup of the folder) and dropped."""
     for chunk in ahead:
-        for future in chunk.futures:
-            future.cancel()
+        for group in chunk.groups:
+            group.cancel()
     for chunk in ahead:
-        for future in chunk.futures:
-            if not future.cancelled():
-                _wait(future)
+        for group in chunk.groups:
+            if not group.cancelled():
+                with contextlib.suppress(Exception):
+                    group.result()
         for target in chunk.targets:
             target.unlink(missing_ok=True)
     release(archive.engine, worker, [i.id for c in ahead for i in c.items])

@@ -323,9 +323,7 @@ def _record(
         findings = [f for f in result.findings if f.severity is Severity.WARN]
         kept_at = None
         if result.error is not None:
-            findings.append(
-                failure_finding(result.error, rejected=outcome is FileOutcome.REJECTED)
-            )
+            findings.append(failure_finding(result.error, rejected=outcome is FileOutcome.REJECTED))
             if outcome is FileOutcome.REJECTED:
                 kept_at = _keep_aside(archive, ledger, i, files[i])
         records.append(
@@ -359,7 +357,9 @@ def _record_after_failure(
         log.error("could not record the outcomes of batch %s: %s", ledger.batch_id, exc)
 
 
-def _keep_aside(archive: Archive, ledger: BatchLedger, i: int, received: ReceivedFile) -> str | None:
+def _keep_aside(
+    archive: Archive, ledger: BatchLedger, i: int, received: ReceivedFile
+) -> str | None:
     queue_id = ledger.queue_ids[i] if ledger.queue_ids is not None else None
     label = f"{queue_id}" if queue_id is not None else f"{i + 1}"
     return keep_aside(archive, ledger.batch_id, label, ledger.sources[i], received.path)
