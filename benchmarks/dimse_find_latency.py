@@ -62,7 +62,7 @@ def identifier(level: str, keys: tuple[str, ...], match: dict[str, str]) -> Data
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for keyword in keys:
-        setattr(ds, keyword, "")
+        setattr(ds, keyword, None)  # a return key: present, empty
     for keyword, value in match.items():
         setattr(ds, keyword, value)
     return ds

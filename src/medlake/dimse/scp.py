@@ -72,11 +72,7 @@ class DimseServer:
         self.host = host or settings.dimse_host or settings.host
         self.port = settings.dimse_port if port is None else port
         self.ae = new_ae(archive, ae_title)
-        for context in scp_contexts():
-            self.ae.add_supported_context(
-                str(context.abstract_syntax), context.transfer_syntax,
-                scu_role=context.scu_role, scp_role=context.scp_role,
-            )  # fmt: skip
+        self._contexts = scp_contexts()
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._sessions: dict[Association, StoreContext] = {}
@@ -103,12 +99,15 @@ class DimseServer:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's default handlers format a log line per message; with its logger
-            # below INFO nobody would read them, and they cost per C-STORE.
+            # pynetdicom formats a log line per message and prints every C-FIND/MOVE/GET
+            # identifier; with its logger above INFO nobody reads them, and they cost.
             _config.LOG_HANDLER_LEVEL = "none"
+            _config.LOG_REQUEST_IDENTIFIERS = False
+            _config.LOG_RESPONSE_IDENTIFIERS = False
         try:
             server = self.ae.make_server(
                 (self.host, self.port),
+                contexts=self._contexts,
                 evt_handlers=handlers,
                 server_class=ThreadedAssociationServer,
                 request_handler=EventDrivenRequestHandler,

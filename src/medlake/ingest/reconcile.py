@@ -15,7 +15,7 @@ carry it, so reconciling an old batch again can report them as differences.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,11 +66,19 @@ def reconcile_batch(archive: Archive, batch_id: str) -> Reconciliation:
     with archive.engine.connect() as conn:
         batch = get_batch(conn, batch_id)
         queue = status_counts(conn, batch_id)
-        rows = conn.execute(
-            select(instances.c.blob_key).where(instances.c.batch_id == batch_id)
-        ).scalars()
-        keys = list(rows)
+        # Keys stream in folder order, so memory stays flat however large the batch.
+        keys = (
+            conn.execution_options(yield_per=2000)
+            .execute(
+                select(instances.c.blob_key)
+                .where(instances.c.batch_id == batch_id)
+                .order_by(instances.c.blob_key)
+            )
+            .scalars()
+        )
+        rows, absent = missing_blobs(archive.blobs, keys)
         clinical_files, declared, staged, clinical_keys = count_staged(conn, batch_id)
+        more_rows, more_absent = missing_blobs(archive.blobs, sorted(clinical_keys))
         missing_sops = _outcomes_without_rows(conn, batch_id, batch.partition)
         hierarchy = check_hierarchy(conn, batch_id)
     figures = {
@@ -80,7 +88,7 @@ def reconcile_batch(archive: Archive, batch_id: str) -> Reconciliation:
         "rejected": batch.rejected,
         "queued": sum(queue.values()),
         "without_outcome": queue.get("pending", 0) + queue.get("claimed", 0),
-        "instance_rows": len(keys),
+        "instance_rows": rows,
         "clinical_files": clinical_files,
         "clinical_rows": staged,
     }
@@ -94,18 +102,18 @@ def reconcile_batch(archive: Archive, batch_id: str) -> Reconciliation:
         differences.append(f"{figures['without_outcome']} queued files have no outcome")
     if queue and queue.get("done", 0) != batch.seen:
         differences.append(f"{queue.get('done', 0)} queued files done but {batch.seen} counted")
-    if len(keys) + clinical_files != batch.stored:
+    if rows + clinical_files != batch.stored:
         differences.append(
-            f"{batch.stored} files counted as stored, but {len(keys)} instance rows and "
+            f"{batch.stored} files counted as stored, but {rows} instance rows and "
             f"{clinical_files} clinical files carry the batch"
         )
     if declared != staged:
         differences.append(f"clinical files declare {declared} records, {staged} are staged")
-    absent = missing_blobs(archive.blobs, keys + clinical_keys)
-    figures["lake_files"] = len(keys) + len(clinical_keys) - len(absent)
-    if absent:
+    absent_count = len(absent) + len(more_absent)
+    figures["lake_files"] = rows + more_rows - absent_count
+    if absent_count:
         differences.append(
-            f"{len(absent)} stored files are not in the lake: {_listed(sorted(absent))}"
+            f"{absent_count} stored files are not in the lake: {_listed(absent + more_absent)}"
         )
     if missing_sops:
         differences.append(
@@ -133,17 +141,22 @@ def _outcomes_without_rows(conn: Connection, batch_id: str, partition: str) -> l
     )
 
 
-def missing_blobs(blobs: BlobStore, keys: Iterable[str]) -> set[str]:
-    """The ``keys`` that are not in the lake; one listing per folder, not one request
-    per file (object stores answer a listing of a folder in one or a few requests)."""
-    by_folder: dict[str, set[str]] = defaultdict(set)
-    for key in keys:
-        by_folder[key.rsplit("/", 1)[0]].add(key)
-    absent: set[str] = set()
-    for folder, wanted in by_folder.items():
+def missing_blobs(blobs: BlobStore, keys: Iterable[str]) -> tuple[int, list[str]]:
+    """(how many of ``keys`` were checked, the ones that are not in the lake).
+
+    ``keys`` must come grouped by folder (sorted keys are): each folder is listed once
+    (object stores answer a folder listing in one or a few requests, not one per
+    file), and only one folder's names are held at a time.
+    """
+    checked = 0
+    absent: list[str] = []
+    for folder, group in itertools.groupby(keys, key=lambda key: key.rsplit("/", 1)[0]):
         present = set(blobs.list(folder))
-        absent |= wanted - present
-    return absent
+        for key in group:
+            checked += 1
+            if key not in present:
+                absent.append(key)
+    return checked, absent
 
 
 def _listed(items: list[str]) -> str:
