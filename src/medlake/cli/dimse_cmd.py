@@ -73,7 +73,10 @@ def start_scp(archive: Archive, settings: Settings) -> DimseServer | None:
         console.print("DIMSE: off (dimse_port 0)")
         return None
     _quiet_pynetdicom(settings)
-    server = DimseServer(archive).start()
+    try:
+        server = DimseServer(archive).start()
+    except MedlakeError as exc:  # e.g. the port is taken: say so, do not serve half
+        raise _fail(exc) from exc
     _announce(server, settings)
     return server
 
@@ -153,8 +156,10 @@ def send(
     partition: Annotated[str, typer.Option(help="Partition to send from.")] = DEFAULT_PARTITION,
     data: DataOption = None,
 ) -> None:
-    """C-STORE instances to another AE: studies from the archive, or files from disk.
-    Each goes in the transfer syntax it is stored in. Exits 1 if any failed."""
+    """C-STORE files, or studies of the archive, to another AE.
+
+    Each instance goes in the transfer syntax it is stored in. Exits 1 if any failed.
+    """
     if not paths and not study:
         raise typer.BadParameter("give files/folders to send, or --study UID")
     archive = Archive.open(load_settings(data=data))
@@ -221,8 +226,10 @@ def retrieve(
     ] = True,
     data: DataOption = None,
 ) -> None:
-    """Pull studies from another AE (PACS) into the archive with C-GET or C-MOVE, e.g. to
-    migrate an existing archive in. Exits 1 if any sub-operation failed."""
+    """Pull studies from another AE (PACS) into the archive with C-GET or C-MOVE.
+
+    For instance to migrate an existing archive in. Exits 1 if any sub-operation failed.
+    """
     settings = load_settings(data=data)
     _quiet_pynetdicom(settings)
     archive = Archive.open(settings)

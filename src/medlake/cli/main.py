@@ -65,8 +65,11 @@ def serve(
         ),
     ] = False,
 ) -> None:
-    """Serve DICOMweb (/dicomweb), the change feed and /healthz on one HTTP port, and the
-    DIMSE SCP (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port."""
+    """Serve DICOMweb, the change feed and /healthz over HTTP, and the DIMSE SCP.
+
+    HTTP on one port (/dicomweb, /changefeed, /healthz, the viewer); DIMSE (C-ECHO,
+    C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port, unless it is 0.
+    """
     import uvicorn
 
     from medlake.web import create_web_app, viewer_path

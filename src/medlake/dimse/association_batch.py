@@ -126,7 +126,8 @@ class AssociationBatch:
 
 
 def _source(message_id: int, sop_uid: str | None) -> str:
-    return f"C-STORE message {message_id}: {sop_uid or 'unknown SOP Instance'}"
+    """How a C-STORE is named in ``ingest_errors`` (its last part names a kept-aside file)."""
+    return f"C-STORE #{message_id}/{sop_uid or 'unknown-SOP-Instance'}.dcm"
 
 
 def open_association_batch(archive: Archive, partition: str, source: str) -> AssociationBatch:
