@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite and benchmarks shell out to:
-#   dcmtk    (storescu/echoscu: DIMSE interop tests, C-STORE benchmark)
+#   dcmtk    (echoscu, storescu, findscu, movescu, getscu, storescp: the DIMSE
+#            interop tests with real clients and peers; the C-STORE benchmark)
 #   chromium (headless viewer check of the DICOMweb API with OHIF)
 # Idempotent: only missing tools are installed, and apt-get update is skipped
 # when nothing is missing (it is slow and needs the network).
