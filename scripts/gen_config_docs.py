@@ -115,8 +115,8 @@ NOTES: dict[str, str] = {
     "storage_options": "Used only for fsspec URLs; a local-folder lake ignores it. "
     "medlake adds `use_listings_cache=false` unless you set it.",
     "fsync": "Local-folder lakes only: object stores make a PUT durable themselves.",
-    "ingest_rules": "Example: `ingest_rules = {patient_id = \"reject\", transfer_syntax = "
-    "\"warn\"}` in medlake.toml, or `MEDLAKE_INGEST_RULES='{\"patient_id\": \"reject\"}'`. "
+    "ingest_rules": 'Example: `ingest_rules = {patient_id = "reject", transfer_syntax = '
+    '"warn"}` in medlake.toml, or `MEDLAKE_INGEST_RULES=\'{"patient_id": "reject"}\'`. '
     "`dicom_part10` and `required_uids` cannot be relaxed. Rejections and warnings are "
     "rows of `ingest_errors` (`medlake batch show ID`, `GET /batches/{id}/errors`).",
     "ingest_workers": "The server's drop-zone watcher uses it too. `parse_workers` is the "
