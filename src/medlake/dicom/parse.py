@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,3 +213,35 @@ def _column_value(value: Any, vr: str) -> Any:
     if isinstance(value, list | pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+_LONG_META_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"}
+
+
+def data_set_digest(fh: BinaryIO) -> str:
+    """SHA-256 of a Part-10 file's data set alone: the bytes after the preamble and the
+    File Meta Information (group 0002, always Explicit VR Little Endian).
+
+    Two copies of one instance that came by different routes (STOW-RS, C-STORE,
+    another PACS) differ in their File Meta (Source AE, implementation UIDs) but not
+    in their data set; comparing this digest tells a true duplicate from a conflict.
+    """
+    start = fh.read(132)
+    if len(start) < 132 or start[128:132] != b"DICM":
+        fh.seek(0)  # no preamble: the file starts with the meta group (or the data set)
+    while True:
+        position = fh.tell()
+        header = fh.read(8)
+        if len(header) < 8 or int.from_bytes(header[0:2], "little") != 0x0002:
+            fh.seek(position)
+            break
+        vr = header[4:6]
+        if vr in _LONG_META_VRS:
+            length = int.from_bytes(fh.read(4), "little")
+        else:
+            length = int.from_bytes(header[6:8], "little")
+        fh.seek(length, 1)
+    digest = hashlib.sha256()
+    while chunk := fh.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()

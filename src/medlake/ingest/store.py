@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from medlake.dicom.parse import ParsedInstance
+from medlake.dicom.parse import ParsedInstance, data_set_digest
 from medlake.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -409,7 +409,9 @@ def _plan(
         old = existing.get(item.sop_uid)
         earlier = to_write.get(item.sop_uid)
         same_as = old.sha256 if old else (hashes[earlier[0]] if earlier else None)
-        if same_as == hashes[i]:
+        if same_as == hashes[i] or (
+            old is not None and _same_data_set(archive, old.blob_key, files[i].path)
+        ):
             results[i] = _result(item, Outcome.DUPLICATE)
             continue
         if same_as is not None and not replace:
@@ -455,6 +457,17 @@ def _plan(
             ),
         )
     return to_write
+
+
+def _same_data_set(archive: Archive, stored_key: str, received: Path) -> bool:
+    """Whether a received file differs from the stored one only in its File Meta (the
+    same instance sent again by another route). Only reached when the whole-file
+    hashes differ, so the common paths never read the stored file."""
+    try:
+        with archive.blobs.open(stored_key) as stored, received.open("rb") as new:
+            return data_set_digest(stored) == data_set_digest(new)
+    except (MedlakeError, OSError):
+        return False
 
 
 def _header_loader(archive: Archive, key: str) -> Callable[[], Dataset]:
