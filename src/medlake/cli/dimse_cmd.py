@@ -129,7 +129,10 @@ def dimse(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stop.wait()
+        # Timed waits: an untimed Event.wait() sometimes never returned after SIGTERM
+        # (seen in CI), leaving the process running.
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:

@@ -56,6 +56,19 @@ def new_ae(archive: Archive, ae_title: str | None = None) -> AE:
     return ae
 
 
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, but shutting down never waits for connection threads.
+
+    socketserver joins every handler thread on close (``block_on_close``); a peer that
+    connected and never sent an A-ASSOCIATE-RQ keeps its thread waiting for the network
+    timeout, which made a stop hang for that long. Open associations are aborted by
+    :meth:`DimseServer.stop` instead.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+
 class DimseServer:
     """medlake's DIMSE SCP, started with :meth:`start` and stopped with :meth:`stop`."""
 
@@ -109,7 +122,7 @@ class DimseServer:
                 (self.host, self.port),
                 contexts=self._contexts,
                 evt_handlers=handlers,
-                server_class=ThreadedAssociationServer,
+                server_class=_AssociationServer,
                 request_handler=EventDrivenRequestHandler,
             )
         except OSError as exc:
