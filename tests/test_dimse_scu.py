@@ -356,6 +356,10 @@ def test_serve_and_dimse_run_the_scp_and_stop_it(command: str, tmp_path: Path, d
         assert echo.returncode == 0, output(echo)
     finally:
         process.send_signal(signal.SIGINT if command == "serve" else signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()  # leave no server behind, then report the hang
+            raise
     assert process.returncode == 0, process.stdout.read().decode() if process.stdout else ""
     assert _port_closed(dimse_port)
