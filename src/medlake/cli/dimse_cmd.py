@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.dicomweb.retrieve import retrieve as locate_for_retrieve
 from medlake.dimse import ae_registry, scu
@@ -32,10 +33,6 @@ ae_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DataOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
-]
 PeerTitle = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--aec", help="AE title of the peer: a registered one, or with --host/--port."),

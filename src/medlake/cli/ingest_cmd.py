@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
@@ -53,10 +54,6 @@ from medlake.types import DEFAULT_PARTITION
 console = Console()
 batch_app = typer.Typer(help="Look at and resume ingest batches.", no_args_is_help=True)
 
-DataOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
-]
 PartitionOption = Annotated[str, typer.Option(help="Partition to store into.")]
 WorkersOption = Annotated[
     Optional[int],  # noqa: UP045

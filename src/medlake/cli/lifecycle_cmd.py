@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from medlake.cli.options import DataOption
 from medlake.config import load_settings
 from medlake.dicomweb.lifecycle import count_candidates, lifecycle_status, run_lifecycle
 from medlake.errors import MedlakeError
@@ -25,10 +26,6 @@ app = typer.Typer(
 )
 console = Console()
 
-DataOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
-]
 NowOption = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from medlake import __version__
 from medlake.cli import dimse_cmd, ingest_cmd, lifecycle_cmd
+from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
@@ -21,11 +22,6 @@ app.add_typer(lifecycle_cmd.app, name="lifecycle")
 ingest_cmd.register(app)  # ingest, watch, batches, batch show|resume, reconcile
 dimse_cmd.register(app)  # dimse, send, retrieve, ae add|list|remove|echo
 console = Console()
-
-DataOption = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional
-    typer.Option("--data", help="Folder of the lake and SQLite index (env MEDLAKE_DATA)."),
-]
 
 
 def _version(value: bool) -> None:
