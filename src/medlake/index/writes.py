@@ -239,14 +239,7 @@ def _ensure_studies(
         }
         for uid, r in first.items()
     ]
-    _insert_ignoring_conflicts(conn, studies, new)
-    return dict(
-        conn.execute(
-            select(studies.c.study_uid, studies.c.id).where(
-                studies.c.partition_id == part, studies.c.study_uid.in_(list(first))
-            )
-        ).all()
-    )
+    return _insert_and_map_ids(conn, studies, "study_uid", part, new)
 
 
 def _ensure_series(
@@ -272,11 +265,20 @@ def _ensure_series(
         }
         for uid, r in first.items()
     ]
-    _insert_ignoring_conflicts(conn, series, new)
+    return _insert_and_map_ids(conn, series, "series_uid", part, new)
+
+
+def _insert_and_map_ids(
+    conn: Connection, table: Any, uid_column: str, part: int, new: list[dict[str, Any]]
+) -> dict[str, int]:
+    """Insert the rows that are not there yet (a concurrent writer may have been first)
+    and return the id of every one of them, by UID, as stored."""
+    _insert_ignoring_conflicts(conn, table, new)
+    uid = table.c[uid_column]
     return dict(
         conn.execute(
-            select(series.c.series_uid, series.c.id).where(
-                series.c.partition_id == part, series.c.series_uid.in_(list(first))
+            select(uid, table.c.id).where(
+                table.c.partition_id == part, uid.in_([row[uid_column] for row in new])
             )
         ).all()
     )
