@@ -344,3 +344,67 @@ application_entities = Table(
     Column("description", Text),
     Column("created_at", TS, nullable=False),
 )
+
+# --- FHIR R4 resources ----------------------------------------------------------------------
+
+#: The current version of every FHIR resource (``deleted`` rows keep their id, so a
+#: later create with the same id continues the version history).
+fhir_resources = Table(
+    "fhir_resources",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("logical_id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", TS, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", Text),  # the resource JSON as served (meta included); None when deleted
+    UniqueConstraint("partition_id", "resource_type", "logical_id"),
+    Index(None, "resource_type", "last_updated"),
+)
+
+#: Every version of every resource, the current one included (``_history``, vread).
+fhir_resource_versions = Table(
+    "fhir_resource_versions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("resource_id", ForeignKey("fhir_resources.id", ondelete="CASCADE"), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", TS, nullable=False),
+    Column("method", String(8), nullable=False),  # POST | PUT | DELETE
+    Column("content", Text),  # None for a DELETE
+    UniqueConstraint("resource_id", "version_id"),
+    Index(None, "last_updated"),
+)
+
+#: Search parameter values extracted from the current version of each resource: one
+#: row per (parameter, value). Which columns are filled depends on the parameter type:
+#: string -> string_value (normalised: case- and accent-folded); token -> token_system,
+#: token_code (and string_value holding the display text for ``:text``); date ->
+#: date_low/date_high (the period the value covers); number/quantity -> number_value
+#: (+ token_system/token_code for the quantity's system and code); reference ->
+#: ref_type/ref_id (and string_value holding an absolute or identifier reference);
+#: uri -> string_value unfolded.
+fhir_search_values = Table(
+    "fhir_search_values",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("resource_id", ForeignKey("fhir_resources.id", ondelete="CASCADE"), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("string_value", String(512)),
+    Column("token_system", String(256)),
+    Column("token_code", String(256)),
+    Column("date_low", TS),
+    Column("date_high", TS),
+    Column("number_value", Float),
+    Column("ref_type", String(64)),
+    Column("ref_id", String(64)),
+    Index(None, "resource_id"),
+    Index(None, "resource_type", "param", "token_code"),
+    Index(None, "resource_type", "param", "string_value"),
+    Index(None, "resource_type", "param", "date_low", "date_high"),
+    Index(None, "resource_type", "param", "ref_type", "ref_id"),
+    Index(None, "resource_type", "param", "number_value"),
+)
