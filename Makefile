@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse clean
+.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse bench-hl7 clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ bench-ingest: install  ## medlake ingest vs cp -r + sync, 100k small files (~20 
 
 bench-dimse: install  ## DIMSE C-STORE rate and C-FIND latency vs Orthanc (~6 min; ORTHANC_RESULTS=... ~1 min)
 	benchmarks/dimse_vs_orthanc.sh
+
+bench-hl7: install  ## HL7 v2 over MLLP: messages/s on one connection, stored before each ACK (~1 min)
+	$(PY) benchmarks/hl7_mllp.py
 
 clean:
 	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache

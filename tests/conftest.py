@@ -109,8 +109,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    """Settings of a throw-away archive: data folder in tmp_path, index at ``db_url``."""
-    return Settings(data=tmp_path / "data", database_url=db_url)
+    """Settings of a throw-away archive: data folder in tmp_path, index at ``db_url``.
+
+    Authentication is off here (``insecure_no_auth``); the security tests turn it on.
+    """
+    return Settings(data=tmp_path / "data", database_url=db_url, insecure_no_auth=True)
 
 
 @pytest.fixture

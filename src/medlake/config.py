@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOML_NAME = "medlake.toml"
@@ -60,6 +60,35 @@ class Settings(BaseSettings):
         default=60.0,
         description="Seconds a DIMSE association may stay silent, and the connect / "
         "negotiation / response timeout of medlake as an SCU.",
+    )
+    mllp_port: int = Field(
+        default=2575,
+        description="HL7 v2 MLLP port of `medlake serve` and `medlake mllp`; 0 = `serve` "
+        "runs without the MLLP listener.",
+    )
+    mllp_host: str | None = Field(
+        default=None, description="Interface the MLLP port listens on; default: `host`."
+    )
+    mllp_max_message_bytes: int = Field(
+        default=1_048_576,
+        description="Largest HL7 v2 message accepted over MLLP, in bytes (between the start "
+        "and end block); a larger one is read to its end, recorded (its first 64 KiB) as "
+        "rejected and answered with AR.",
+    )
+    mllp_idle_timeout: float = Field(
+        default=600.0,
+        description="Seconds an MLLP connection may stay silent before medlake closes it "
+        "(0 = never); an unterminated message is then recorded as a framing error.",
+    )
+    hl7_partition: str = Field(
+        default="default",
+        description="Partition that HL7 v2 messages received over MLLP, and the FHIR "
+        "resources mapped from them, belong to.",
+    )
+    hl7_mapping: bool = Field(
+        default=True,
+        description="Map stored HL7 v2 messages to FHIR resources in a background worker of "
+        "`medlake serve` / `medlake mllp` (off: messages are stored and acknowledged only).",
     )
     database_url: str | None = Field(
         default=None,
@@ -204,6 +233,81 @@ class Settings(BaseSettings):
         description="Columns (CSV) or fields (NDJSON) each clinical table must have, by table "
         "name (CSV: the file name up to its first dot; NDJSON: the resourceType).",
     )
+    fhir_import_root: Path | None = Field(
+        default=None,
+        description="Folder whose files FHIR `$import` may read through `file://` URLs "
+        "(anything outside it is refused); unset = `file://` inputs are refused and only "
+        "files in the lake can be imported over HTTP.",
+    )
+    fhir_import_chunk: int = Field(
+        default=1000,
+        ge=1,
+        description="Resources stored per database transaction by FHIR `$import`, "
+        "`medlake ingest --fhir` and `--mapping` (each chunk commits its resources, its "
+        "error rows and the job's resume point together).",
+    )
+    fhir_export_file_resources: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most resources in one `$export` output file; a type with more is "
+        "split into `{ResourceType}-1.ndjson`, `-2`, ...",
+    )
+    fhir_bulk_job_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds without progress after which a running `$export` / `$import` "
+        "job whose process is on another host is taken over (and resumed) by another "
+        "server; a job whose process on this host is gone is resumed at once.",
+    )
+    auth: bool = Field(
+        default=True,
+        description="Authenticate every HTTP request (medlake API token or OIDC bearer JWT) "
+        "and authorize it by role and partition; false needs insecure_no_auth = true too.",
+    )
+    insecure_no_auth: bool = Field(
+        default=False,
+        description="Serve without authentication, authorization or audit: every request "
+        "acts as an admin (local demos only; `medlake serve --insecure-no-auth`).",
+    )
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Issuer (`iss`) of the OIDC / OAuth2 bearer JWTs medlake accepts; "
+        "unset = only medlake API tokens.",
+    )
+    oidc_audience: str | None = Field(
+        default=None,
+        description="Audience (`aud`) those JWTs must carry; required with oidc_issuer.",
+    )
+    oidc_jwks_url: str | None = Field(
+        default=None,
+        description="URL of the issuer's JSON Web Key Set; default: `jwks_uri` of "
+        "{oidc_issuer}/.well-known/openid-configuration.",
+    )
+    oidc_roles_claim: str = Field(
+        default="medlake_roles",
+        description="Claim (dotted path, e.g. realm_access.roles) holding a JWT's roles: "
+        "ROLE or ROLE@PARTITION strings, or an object of partition -> roles.",
+    )
+    clock_skew_seconds: float = Field(
+        default=60.0,
+        description="Leeway in seconds when checking a JWT's exp, nbf and iat.",
+    )
+    encrypt_at_rest: bool = Field(
+        default=False,
+        description="Envelope-encrypt lake blobs (AES-256-GCM per blob, data keys wrapped by "
+        "the key-encryption key of encryption_key_file).",
+    )
+    encryption_key_file: Path | None = Field(
+        default=None,
+        description="Local key file of the key-encryption keys (JSON, mode 0600); default "
+        "{data}/keys/kek.json.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of the HTTP server; with tls_key_file, "
+        "`medlake serve` speaks HTTPS.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
     ohif_dist: Path | None = Field(
         default=None,
@@ -211,6 +315,26 @@ class Settings(BaseSettings):
         "/ohif/; default {repo or cwd}/.cache/ohif/dist when present "
         "(scripts/install-ohif.sh puts it there).",
     )
+
+    @model_validator(mode="after")
+    def _auth_off_is_explicit(self) -> Settings:
+        # Turning authentication off serves PHI to anyone: a stray auth = false alone
+        # must not do it.
+        if not self.auth and not self.insecure_no_auth:
+            raise ValueError("auth = false needs insecure_no_auth = true as well")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests are authenticated, authorized and audited."""
+        return self.auth and not self.insecure_no_auth
+
+    @property
+    def resolved_encryption_key_file(self) -> Path:
+        """The KEK file, defaulting to ``{data}/keys/kek.json``."""
+        return self.encryption_key_file or self.data / "keys" / "kek.json"
 
     @property
     def resolved_database_url(self) -> str:

@@ -7,6 +7,8 @@ Messages say what was wrong and with which value.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MedlakeError(Exception):
     """Base of every error medlake raises on purpose."""
@@ -142,24 +144,93 @@ class NetworkError(MedlakeError):
     http_status = 502
 
 
+class FhirError(MedlakeError):
+    """A FHIR interaction failed (answered with an ``OperationOutcome``).
+
+    ``issues`` are the outcome's issues saying what was wrong and where (FHIR
+    ``OperationOutcome.issue`` JSON objects, with ``expression``); when there are none,
+    one issue is made from the message with ``issue_code`` (FHIR IssueType).
+    """
+
+    issue_code = "processing"
+
+    def __init__(self, message: str, *, issues: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.issues: list[dict[str, Any]] = issues or []
+
+
+class InvalidResource(FhirError):
+    """The request body is not a usable FHIR resource: not JSON, not an object, a
+    ``resourceType`` or ``id`` that disagrees with the URL, an invalid id."""
+
+    http_status = 400
+    issue_code = "structure"
+
+
+class Unprocessable(FhirError):
+    """The resource is well-formed JSON but breaks the FHIR R4 rules of its type."""
+
+    http_status = 422
+    issue_code = "invalid"
+
+
+class PreconditionFailed(FhirError):
+    """``If-Match`` names another version, or a conditional interaction's criteria
+    match more than one resource."""
+
+    http_status = 412
+    issue_code = "conflict"
+
+
+class Gone(FhirError):
+    """The FHIR resource (or the version asked for) was deleted."""
+
+    http_status = 410
+    issue_code = "deleted"
+
+
+class MethodNotAllowed(FhirError):
+    """The FHIR interaction is not supported on this URL; ``allow`` lists the methods
+    that are (the ``Allow`` header)."""
+
+    http_status = 405
+    issue_code = "not-supported"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        issues: list[dict[str, Any]] | None = None,
+        allow: list[str] | None = None,
+    ) -> None:
+        super().__init__(message, issues=issues)
+        self.allow: list[str] = allow or []
+
+
 __all__ = [
     "Conflict",
     "DatabaseUnavailable",
+    "FhirError",
+    "Gone",
     "InvalidDicom",
     "InvalidInput",
+    "InvalidResource",
     "InvalidState",
     "LimitExceeded",
     "MedlakeError",
+    "MethodNotAllowed",
     "MissingAttribute",
     "NetworkError",
     "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
+    "PreconditionFailed",
     "Rejected",
     "SopClassNotAllowed",
     "StorageError",
     "StudyMismatch",
     "UnknownAttribute",
+    "Unprocessable",
     "Unreadable",
     "UnsupportedMediaType",
 ]

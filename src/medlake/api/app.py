@@ -15,7 +15,10 @@ from medlake.api import (
     batches_routes,
     dicomweb_routes,
     extended_tags_routes,
+    fhir_routes,
+    hl7_routes,
 )
+from medlake.api.auth import AccessControl
 from medlake.api.errors import install_error_handlers
 from medlake.dicomweb.extended_tags import resume_interrupted
 from medlake.dicomweb.metadata_refresher import MetadataRefresher
@@ -49,10 +52,14 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     app.state.archive = archive
     app.state.health = health
     install_error_handlers(app)
+    # Every request passes one access check (authentication, the route's rule, audit).
+    app.add_middleware(AccessControl, archive=archive)
     app.include_router(admin_routes.router)
     app.include_router(extended_tags_routes.router)
     app.include_router(batches_routes.router)
     app.include_router(ae_routes.router)
+    app.include_router(hl7_routes.router)
     app.include_router(dicomweb_routes.router, prefix="/dicomweb/partitions/{partition}")
     app.include_router(dicomweb_routes.router, prefix="/dicomweb")
+    app.include_router(fhir_routes.router, prefix=fhir_routes.PREFIX)
     return app

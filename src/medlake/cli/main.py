@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medlake import __version__
-from medlake.cli import dimse_cmd, ingest_cmd, lifecycle_cmd
+from medlake.cli import audit_cmd, dimse_cmd, hl7_cmd, ingest_cmd, lifecycle_cmd, token_cmd
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.ingest.archive import Archive
@@ -21,6 +21,9 @@ app = typer.Typer(help="medlake: an open medical-data lakehouse.", no_args_is_he
 app.add_typer(lifecycle_cmd.app, name="lifecycle")
 ingest_cmd.register(app)  # ingest, watch, batches, batch show|resume, reconcile
 dimse_cmd.register(app)  # dimse, send, retrieve, ae add|list|remove|echo
+hl7_cmd.register(app)  # mllp, hl7 ls|show
+app.add_typer(token_cmd.app, name="token")
+app.add_typer(audit_cmd.app, name="audit")
 console = Console()
 
 
@@ -54,23 +57,36 @@ def serve(
         Optional[int],  # noqa: UP045
         typer.Option(help="DICOM (DIMSE) port; 0 = off (env MEDLAKE_DIMSE_PORT)."),
     ] = None,
+    mllp_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="HL7 v2 (MLLP) port; 0 = off (env MEDLAKE_MLLP_PORT)."),
+    ] = None,
     insecure_no_auth: Annotated[
         bool,
         typer.Option(
-            "--insecure-no-auth", help="Accepted for forward compatibility; auth is not built yet."
+            "--insecure-no-auth",
+            help="Serve without authentication: anyone reaching the port is an admin (demos).",
         ),
     ] = False,
 ) -> None:
     """Serve DICOMweb, the change feed and /healthz over HTTP, and the DIMSE SCP.
 
     HTTP on one port (/dicomweb, /changefeed, /healthz, the viewer); DIMSE (C-ECHO,
-    C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port, unless it is 0.
+    C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port, unless it is 0; HL7 v2 over MLLP on
+    mllp_port, unless it is 0.
     """
     import uvicorn
 
     from medlake.web import create_web_app, viewer_path
 
-    settings = _settings(data=data, host=host, http_port=http_port, dimse_port=dimse_port)
+    settings = _settings(
+        data=data,
+        host=host,
+        http_port=http_port,
+        dimse_port=dimse_port,
+        mllp_port=mllp_port,
+        insecure_no_auth=True if insecure_no_auth else None,
+    )
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -79,16 +95,17 @@ def serve(
         f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
         f"index [cyan]{settings.resolved_database_url.split('@')[-1]}[/]"
     )
-    console.print(f"DICOMweb: http://{settings.host}:{settings.http_port}/dicomweb")
+    scheme = "https" if settings.tls_cert_file else "http"
+    console.print(f"DICOMweb: {scheme}://{settings.host}:{settings.http_port}/dicomweb")
     web_app = create_web_app(archive, settings.ohif_dist)
     viewer = viewer_path(web_app)
     if viewer:
-        console.print(f"Viewer (OHIF): http://{settings.host}:{settings.http_port}{viewer}")
+        console.print(f"Viewer (OHIF): {scheme}://{settings.host}:{settings.http_port}{viewer}")
     else:
         console.print("[yellow]no OHIF viewer[/]: run scripts/install-ohif.sh (MEDLAKE_OHIF_DIST)")
-    if not insecure_no_auth:
-        console.print("[yellow]authentication is not built yet: every request is allowed[/]")
+    token_cmd.announce_access(archive, console)
     scp = dimse_cmd.start_scp(archive, settings)  # pynetdicom's threads, beside uvicorn
+    hl7 = hl7_cmd.start_mllp(archive, settings)  # listener and mapper threads, beside uvicorn
     try:
         uvicorn.run(
             web_app,
@@ -97,10 +114,14 @@ def serve(
             log_level="warning",
             http="httptools",
             loop="uvloop",
+            ssl_certfile=settings.tls_cert_file,
+            ssl_keyfile=settings.tls_key_file,
         )
     finally:
         if scp is not None:
             scp.stop()
+        if hl7 is not None:
+            hl7.stop()
 
 
 @app.command("ls")

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -380,12 +381,16 @@ fhir_resource_versions = Table(
 
 #: Search parameter values extracted from the current version of each resource: one
 #: row per (parameter, value). Which columns are filled depends on the parameter type:
-#: string -> string_value (normalised: case- and accent-folded); token -> token_system,
-#: token_code (and string_value holding the display text for ``:text``); date ->
-#: date_low/date_high (the period the value covers); number/quantity -> number_value
-#: (+ token_system/token_code for the quantity's system and code); reference ->
-#: ref_type/ref_id (and string_value holding an absolute or identifier reference);
-#: uri -> string_value unfolded.
+#: string -> string_value (normalised: case- and accent-folded) and string_exact (as
+#: written, for ``:exact``); token -> token_system, token_code (and string_value holding
+#: the folded display text for ``:text``; an Identifier's type in qualifier_system/
+#: qualifier_code for ``:of-type``); date -> date_low/date_high (the period the value
+#: covers, high exclusive, UTC); number/quantity -> number_value (+ token_system/
+#: token_code for the quantity's system and code, string_value for its unit);
+#: reference -> ref_type/ref_id of a relative reference, string_value holding an
+#: absolute or canonical one, token_system/token_code its identifier; uri ->
+#: string_value unfolded. A composite row holds its first (token) component in
+#: qualifier_system/qualifier_code and its second in the columns of that type.
 fhir_search_values = Table(
     "fhir_search_values",
     metadata,
@@ -394,8 +399,11 @@ fhir_search_values = Table(
     Column("resource_type", String(64), nullable=False),
     Column("param", String(64), nullable=False),
     Column("string_value", String(512)),
+    Column("string_exact", String(512)),
     Column("token_system", String(256)),
     Column("token_code", String(256)),
+    Column("qualifier_system", String(256)),
+    Column("qualifier_code", String(256)),
     Column("date_low", TS),
     Column("date_high", TS),
     Column("number_value", Float),
@@ -407,4 +415,159 @@ fhir_search_values = Table(
     Index(None, "resource_type", "param", "date_low", "date_high"),
     Index(None, "resource_type", "param", "ref_type", "ref_id"),
     Index(None, "resource_type", "param", "number_value"),
+)
+
+# --- HL7 v2 messages (MLLP) -----------------------------------------------------------------
+
+#: Every HL7 v2 message received over MLLP, committed before its ACK is sent: accepted,
+#: rejected and duplicate ones alike, and framing errors (bytes outside a block, a block
+#: cut off at close, an oversized block). ``raw_text`` is the message decoded with its
+#: MSH-18 character set; ``raw_bytes`` holds the bytes instead when they do not decode.
+hl7_messages = Table(
+    "hl7_messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("received_at", TS, nullable=False),
+    Column("partition", String(64), nullable=False),
+    Column("peer", String(64)),  # host:port of the sender
+    Column("control_id", String(199)),  # MSH-10
+    Column("message_type", String(16)),  # MSH-9.1^MSH-9.2, e.g. ADT^A01
+    Column("version", String(16)),  # MSH-12
+    Column("sending_application", String(255)),  # MSH-3 as sent
+    Column("sending_facility", String(255)),  # MSH-4 as sent
+    Column("charset", String(32)),  # MSH-18 as sent
+    Column("size", Integer, nullable=False),  # bytes between the start and end block
+    Column("raw_text", Text),
+    Column("raw_bytes", LargeBinary),
+    # received | mapped | failed | rejected | duplicate
+    Column("status", String(12), nullable=False),
+    Column("ack_code", String(2)),  # AA | AE | AR; None: no ACK could be sent
+    Column("error_code", String(8)),  # HL7 table 0357, or a framing error name
+    Column("error_text", Text),
+    Column("duplicate_of", Id),  # the first message with the same sender and MSH-10
+    Column("resource_refs", Text),  # JSON list of the FHIR resources made from it
+    Column("mapped_at", TS),
+    Index(None, "status", "id"),
+    Index(None, "control_id", "sending_application", "sending_facility"),
+    Index(None, "message_type"),
+    Index(None, "received_at"),
+)
+
+# --- security: principals, role grants, API tokens, audit log -------------------------------
+
+#: Who may act: a user (the ``sub`` of an OIDC token), a token holder, or a DICOM AE.
+principals = Table(
+    "principals",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("subject", String(255), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # user | token | ae
+    Column("display_name", String(255)),
+    Column("created_at", TS, nullable=False),
+)
+
+#: Roles of a principal, each in one partition (``*`` = every partition) and, when
+#: ``compartment`` is not empty, only within one FHIR compartment (``Patient/123``).
+role_grants = Table(
+    "role_grants",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("principal_id", ForeignKey("principals.id", ondelete="CASCADE"), nullable=False),
+    Column("role", String(16), nullable=False),  # admin | ingest | reader | researcher | auditor
+    Column("partition", String(64), nullable=False),
+    Column("compartment", String(128), nullable=False, default=""),
+    Column("created_at", TS, nullable=False),
+    UniqueConstraint("principal_id", "role", "partition", "compartment"),
+)
+
+#: medlake's own API tokens: the secret is shown once and kept only as its SHA-256.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("token_id", String(16), nullable=False, unique=True),  # the public part of a token
+    Column("principal_id", ForeignKey("principals.id", ondelete="CASCADE"), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("scopes", Text),  # space-separated SMART scopes; None = not limited by scopes
+    Column("description", Text),
+    Column("created_at", TS, nullable=False),
+    Column("expires_at", TS),  # None = never
+    Column("revoked_at", TS),
+    Column("last_used_at", TS),
+    Index(None, "principal_id"),
+)
+
+#: Append-only, hash-chained audit trail: ``hash`` = SHA-256 of ``prev_hash`` and the
+#: canonical JSON of the other columns; ``seq`` is gap-free (1, 2, 3, ...).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", Id, primary_key=True, autoincrement=False),
+    Column("recorded_at", TS, nullable=False),
+    Column("event_type", String(16), nullable=False),  # DCM code of CID 400, e.g. 110112 Query
+    Column("event_subtype", String(16)),  # DCM code of CID 401, e.g. 110122 Login
+    Column("action", String(1), nullable=False),  # C | R | U | D | E
+    Column("outcome", Integer, nullable=False),  # 0 success | 4 minor | 8 serious | 12 major
+    Column("operation", String(64), nullable=False),  # medlake action, e.g. dicom.read
+    Column("actor", String(255), nullable=False),
+    Column("actor_kind", String(8), nullable=False),
+    Column("actor_name", String(255)),
+    Column("source_address", String(255)),
+    Column("partition", String(64)),
+    Column("entity", Text, nullable=False),  # JSON object: UIDs, resource, patient
+    Column("request", Text),  # method, path and query
+    Column("detail", Text),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index(None, "recorded_at"),
+    Index(None, "actor"),
+)
+
+# --- bulk data: FHIR $export / $import jobs -------------------------------------------------
+
+#: One FHIR bulk data job ($export or $import, the async request pattern): its request,
+#: where it has got to (``cursor``, JSON, so an interrupted job resumes there) and what it
+#: produced. ``output`` / ``errors`` are JSON lists of the manifest's file items (type,
+#: file name, count); ``owner`` is the ``host:pid:nonce`` of the process running it, which
+#: refreshes ``heartbeat_at`` as it goes.
+fhir_bulk_jobs = Table(
+    "fhir_bulk_jobs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(8), nullable=False),  # export | import
+    Column("partition", String(64), nullable=False),
+    # accepted | running | completed | failed | cancelled
+    Column("status", String(12), nullable=False),
+    Column("request", Text, nullable=False),  # the kick-off URL (or the CLI's source)
+    Column("parameters", Text, nullable=False),  # JSON
+    Column("transaction_time", TS),
+    Column("progress", String(100)),  # the X-Progress text
+    Column("cursor", Text),
+    Column("output", Text),
+    Column("errors", Text),
+    Column("error_message", Text),  # why a failed job failed
+    Column("batch_id", String(36)),  # the ingest batch of an import
+    Column("owner", String(64)),
+    Column("heartbeat_at", TS),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("finished_at", TS),
+    Index(None, "status", "created_at"),
+)
+
+#: The patients whose compartments a Patient- or Group-level export covers (the Group's
+#: members, or the ``patient`` parameter), fixed when the job starts.
+fhir_bulk_job_patients = Table(
+    "fhir_bulk_job_patients",
+    metadata,
+    Column("job_id", ForeignKey("fhir_bulk_jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+)
+
+#: $export reads one resource type of one partition in primary-key order (keyset pages).
+Index(
+    "ix_fhir_resources_partition_id_resource_type_id",
+    fhir_resources.c.partition_id,
+    fhir_resources.c.resource_type,
+    fhir_resources.c.id,
 )

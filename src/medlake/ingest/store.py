@@ -39,11 +39,10 @@ from medlake.errors import (
     StudyMismatch,
 )
 from medlake.index.writes import (
-    ExistingInstance,
     InstanceRow,
-    find_existing,
+    StoredRows,
+    find_stored,
     lock_instances,
-    partition_id,
     write_instances,
 )
 from medlake.ingest.archive import Archive
@@ -253,15 +252,15 @@ def _store_parsed(
     try:
         with archive.write_lock, archive.engine.begin() as conn:
             if parsed:
-                lock_instances(conn, partition, [p.sop_uid for p in parsed.values()])
-                part = partition_id(conn, partition, create=False)
-                existing = (
-                    find_existing(conn, part, (p.sop_uid for p in parsed.values()))
-                    if part is not None
-                    else {}
-                )
+                items = parsed.values()
+                lock_instances(conn, partition, [p.sop_uid for p in items])
+                # One lookup for the partition, the instances, their studies and series.
+                stored = find_stored(
+                    conn, partition, (p.sop_uid for p in items), (p.study_uid for p in items),
+                    (p.series_uid for p in items),
+                )  # fmt: skip
                 to_write = _plan(
-                    archive, files, hashes, parsed, results, partition, replace, existing,
+                    archive, files, hashes, parsed, results, partition, replace, stored,
                     replaced, ledger.batch_id if ledger else None,
                 )  # fmt: skip
                 pending = list(to_write.values())
@@ -282,6 +281,7 @@ def _store_parsed(
                     partition,
                     [row for _, row in moved],
                     {uid: rid for uid, rid in replaced.items() if uid in moved_uids},
+                    stored=stored,
                 )
                 for i, row in moved:
                     outcome = Outcome.REPLACED if row.sop_uid in replaced else Outcome.STORED
@@ -399,14 +399,16 @@ def _plan(
     results: list[StoreResult | None],
     partition: str,
     replace: bool,
-    existing: dict[str, ExistingInstance],
+    stored: StoredRows,
     replaced: dict[str, int],
     batch_id: str | None,
 ) -> dict[str, tuple[int, InstanceRow]]:
     """What to write: duplicates and conflicts get their result here; the rest are rows."""
     to_write: dict[str, tuple[int, InstanceRow]] = {}
+    # A series belongs to one study: the one stored, else the first instance's of the request.
+    series_studies = {uid: found.study_uid for uid, found in stored.series.items()}
     for i, item in parsed.items():
-        old = existing.get(item.sop_uid)
+        old = stored.instances.get(item.sop_uid)
         earlier = to_write.get(item.sop_uid)
         same_as = old.sha256 if old else (hashes[earlier[0]] if earlier else None)
         if same_as == hashes[i] or (
@@ -431,6 +433,17 @@ def _plan(
                 Conflict(
                     f"SOP Instance {item.sop_uid} is stored in study {old.study_uid} series "
                     f"{old.series_uid}; it cannot move to another study or series"
+                ),
+            )
+            continue
+        series_study = series_studies.setdefault(item.series_uid, item.study_uid)
+        if series_study != item.study_uid:
+            results[i] = _result(
+                item,
+                Outcome.FAILED,
+                Conflict(
+                    f"SeriesInstanceUID {item.series_uid} belongs to study {series_study} "
+                    f"in partition {partition}, not to study {item.study_uid} of the instance"
                 ),
             )
             continue

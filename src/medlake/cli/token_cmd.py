@@ -1,0 +1,241 @@
+"""``medlake token``: create, list and revoke medlake API tokens; the start-up admin token."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import re
+from typing import Annotated, Optional
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medlake.cli.options import DataOption
+from medlake.config import load_settings
+from medlake.errors import MedlakeError
+from medlake.index.writes import utcnow
+from medlake.ingest.archive import Archive
+from medlake.security import (
+    Action,
+    AuditRecord,
+    Grant,
+    Role,
+    create_token,
+    list_tokens,
+    record_audit,
+    revoke_token,
+)
+from medlake.security.audit import AUDITED_ACTIONS
+from medlake.security.tokens import CreatedToken
+
+app = typer.Typer(help="medlake API tokens: create, list, revoke.", no_args_is_help=True)
+console = Console()
+
+#: Lifetime of the admin token `medlake serve` prints at start-up.
+STARTUP_TOKEN_LIFETIME = dt.timedelta(hours=24)
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_expiry(text: str) -> dt.datetime | None:
+    """``90d``, ``12h``, ``30m``, ``2w`` from now, or ``never``."""
+    if text == "never":
+        return None
+    match = _DURATION.match(text)
+    if match is None:
+        raise typer.BadParameter(
+            f"{text!r} is not a duration such as 90d, 12h, 30m, 2w, or never",
+            param_hint="--expires-in",
+        )
+    return utcnow() + dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def cli_actor() -> str:
+    """Who runs the command, for the audit log: ``cli:<login name>``."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"
+
+
+def audit_cli(archive: Archive, action: Action, detail: str, entity: dict[str, str]) -> None:
+    """Record an administrative command in the audit log (a failure fails the command)."""
+    record_audit(
+        archive.engine,
+        AuditRecord(
+            event=AUDITED_ACTIONS[action],
+            operation=action.value,
+            actor=cli_actor(),
+            actor_kind="cli",
+            entity=entity,
+            detail=detail,
+        ),
+    )
+
+
+def _open(data: object) -> Archive:
+    return Archive.open(load_settings(data=data))
+
+
+def _fail(exc: MedlakeError) -> typer.Exit:
+    console.print(f"[red]{exc.message}[/]")
+    return typer.Exit(1)
+
+
+@app.command("create")
+def create(
+    subject: Annotated[str, typer.Argument(help="Who the token is for (a user or service name).")],
+    role: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--role",
+            help="ROLE[@PARTITION[:Patient/ID]] granted to the subject (repeatable); roles: "
+            "admin, ingest, reader (clinician), researcher, auditor; no @PARTITION = all.",
+        ),
+    ] = None,
+    scope: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--scope", help="SMART scope limiting FHIR access, e.g. patient/*.read."),
+    ] = None,
+    expires_in: Annotated[
+        str, typer.Option("--expires-in", help="Lifetime: 90d, 12h, 30m, 2w or never.")
+    ] = "90d",
+    description: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--description", help="What the token is for."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data: DataOption = None,
+) -> None:
+    """Create a token; its secret is printed once and stored only as a hash."""
+    expires_at = parse_expiry(expires_in)
+    archive = _open(data)
+    try:
+        grants = [Grant.parse(text) for text in role or []]
+        created: CreatedToken = create_token(
+            archive.engine,
+            subject,
+            grants=grants,
+            scopes=scope,
+            expires_at=expires_at,
+            description=description,
+        )
+        try:
+            audit_cli(
+                archive,
+                Action.SECURITY_MANAGE,
+                f"token {created.info.token_id} created for {subject}",
+                {"resource": f"token/{created.info.token_id}"},
+            )
+        except MedlakeError:
+            revoke_token(archive.engine, created.info.token_id)
+            raise
+    except MedlakeError as exc:
+        raise _fail(exc) from None
+    finally:
+        archive.close()
+    if as_json:
+        print(orjson.dumps({**created.info.to_json(), "token": created.secret}).decode())
+        return
+    info = created.info
+    console.print(f"token [bold]{info.token_id}[/] for {info.subject}")
+    console.print(f"roles: {', '.join(sorted(str(g) for g in info.grants)) or 'none'}")
+    if info.scopes is not None:
+        console.print(f"scopes: {' '.join(sorted(info.scopes))}")
+    console.print(f"expires: {info.expires_at.isoformat() if info.expires_at else 'never'}")
+    console.print("secret (shown once; send it as Authorization: Bearer …):")
+    print(created.secret)
+
+
+@app.command("list")
+def list_command(
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list revoked and expired tokens.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data: DataOption = None,
+) -> None:
+    """List tokens (never their secrets)."""
+    archive = _open(data)
+    try:
+        tokens = list_tokens(archive.engine, include_inactive=show_all)
+    finally:
+        archive.close()
+    if as_json:
+        print(orjson.dumps([t.to_json() for t in tokens]).decode())
+        return
+    table = Table("id", "subject", "roles", "scopes", "status", "expires", "last used")
+    for t in tokens:
+        table.add_row(
+            t.token_id,
+            t.subject,
+            " ".join(sorted(str(g) for g in t.grants)),
+            " ".join(sorted(t.scopes)) if t.scopes is not None else "",
+            t.status(),
+            t.expires_at.isoformat(timespec="minutes") if t.expires_at else "never",
+            t.last_used_at.isoformat(timespec="minutes") if t.last_used_at else "",
+        )
+    console.print(table)
+
+
+@app.command("revoke")
+def revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (from token list).")],
+    data: DataOption = None,
+) -> None:
+    """Revoke a token: it is refused from the next request on."""
+    archive = _open(data)
+    try:
+        info = revoke_token(archive.engine, token_id)
+        audit_cli(
+            archive,
+            Action.SECURITY_MANAGE,
+            f"token {token_id} of {info.subject} revoked",
+            {"resource": f"token/{token_id}"},
+        )
+    except MedlakeError as exc:
+        raise _fail(exc) from None
+    finally:
+        archive.close()
+    console.print(f"token {token_id} of {info.subject} is revoked")
+
+
+def announce_access(archive: Archive, out: Console) -> None:
+    """What `medlake serve` says about access at start-up: with authentication on, a
+    fresh admin token (valid 24 hours, printed once); off, a loud warning."""
+    settings = archive.settings
+    if not settings.auth_enabled:
+        out.print(
+            "[bold red]WARNING: authentication is OFF (--insecure-no-auth): anyone who can "
+            "reach this port can read, change and delete every study as an admin, and "
+            "nothing is audited. Use it only for local demos.[/]"
+        )
+        return
+    created = create_token(
+        archive.engine,
+        "admin",
+        grants=[Grant(Role.ADMIN)],
+        expires_at=utcnow() + STARTUP_TOKEN_LIFETIME,
+        description="printed by medlake serve at start-up",
+    )
+    audit_cli(
+        archive,
+        Action.SECURITY_MANAGE,
+        f"start-up admin token {created.info.token_id} created",
+        {"resource": f"token/{created.info.token_id}"},
+    )
+    scheme = "https" if settings.tls_cert_file else "http"
+    root = f"{scheme}://{settings.host}:{settings.http_port}"
+    out.print("authentication is on; admin token for this start (valid 24 h, shown once):")
+    out.print(f"  {created.secret}", highlight=False, soft_wrap=True)
+    out.print(
+        f"  curl -H 'Authorization: Bearer {created.secret}' {root}/dicomweb/studies",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print("more tokens: medlake token create NAME --role reader@default")
+
+
+__all__ = ["announce_access", "app", "audit_cli", "cli_actor", "parse_expiry"]
