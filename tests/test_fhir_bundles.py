@@ -4,6 +4,8 @@ services call it, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -349,3 +351,31 @@ def test_process_bundle_raises_the_entry_error(archive: Archive) -> None:
             base_url="http://medlake.test/fhir",
         )  # fmt: skip
     assert store.history(archive).total == 0
+
+
+def test_concurrent_transactions_on_one_new_resource(archive: Archive) -> None:
+    start = threading.Barrier(4)
+
+    def run(n: int) -> dict[str, Any]:
+        start.wait()
+        return process_bundle(
+            archive,
+            bundle(
+                "transaction",
+                {"fullUrl": PATIENT_URN, "resource": patient("race") | {"id": "race"},
+                 "request": {"method": "PUT", "url": "Patient/race"}},
+                {"resource": observation(PATIENT_URN, float(n)),
+                 "request": {"method": "POST", "url": "Observation"}},
+            ),
+            base_url="http://medlake.test/fhir",
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    etags = sorted(r["entry"][0]["response"]["etag"] for r in results)
+    assert etags == ['W/"1"', 'W/"2"', 'W/"3"', 'W/"4"']
+    assert store.history(archive, resource_type="Observation").total == 4
+    for version in store.history(archive, resource_type="Observation").entries:
+        resource = version.resource()
+        assert resource is not None
+        assert resource["subject"]["reference"] == "Patient/race"

@@ -892,3 +892,20 @@ def test_fhirclient_follows_the_paging_links(loaded: Archive, live_server: LiveS
         server
     )
     assert sorted(observation.id for observation in found) == ["o3", "o4"]
+
+
+def test_http_search_keeps_decimals_as_written(client: TestClient) -> None:
+    """A decimal is served by search exactly as it was written (FHIR decimals carry
+    their precision), the same as a read serves it."""
+    body = (
+        '{"resourceType": "Observation", "status": "final",'
+        ' "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},'
+        ' "valueQuantity": {"value": 72.50, "unit": "kg"}}'
+    )
+    created = client.post(
+        "/fhir/Observation", content=body, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert created.status_code == 201, created.text
+    found = client.get("/fhir/Observation?code=http://loinc.org|29463-7")
+    assert found.status_code == 200
+    assert '"value":72.50' in found.text.replace(" ", "")

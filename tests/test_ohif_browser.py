@@ -147,7 +147,8 @@ def medlake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Medlake
     root = tmp_path_factory.mktemp("ohif")
     shots = root / "screenshots"
     shots.mkdir()
-    archive = Archive.open(Settings(data=root / "data", fsync=False))
+    # The viewer sends no bearer token yet: served as `medlake demo` serves it.
+    archive = Archive.open(Settings(data=root / "data", fsync=False, insecure_no_auth=True))
     files = write_demo_studies(root / "demo-source")
     batch = ingest(archive, str(root / "demo-source"), DEFAULT_PARTITION, workers=0)
     assert batch.stored == len(files) and batch.verdict == "balanced", batch.to_json()

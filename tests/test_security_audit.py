@@ -25,7 +25,7 @@ from medlake.security import AuditRecord, export_audit_events, record_audit, ver
 from medlake.security.audit import AUDITED_ACTIONS, audit_event
 from medlake.security.policy import Action
 
-pytest_plugins = ["tests.security_support"]
+pytest_plugins = ["tests.security_fixtures"]
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -18,7 +18,7 @@ from tests.security_support import bearer, issue
 from medlake.ingest.archive import Archive
 from medlake.web import create_web_app
 
-pytest_plugins = ["tests.security_support"]
+pytest_plugins = ["tests.security_fixtures"]
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -86,6 +86,17 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
         for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
     },
 }
+for _root in ("/fhir", "/fhir/partitions/{partition}"):
+    for _kick_off in ("/$export", "/Patient/$export", "/Group/{group_id}/$export"):
+        for _method in ("GET", "POST"):
+            EXPECTED[(_root + _kick_off, _method)] = frozenset({"admin", "reader"})
+    EXPECTED[(f"{_root}/$bulk-file/{{job_id}}/{{name}}", "GET")] = frozenset({"admin", "reader"})
+    EXPECTED[(f"{_root}/$import", "POST")] = frozenset({"admin", "ingest"})
+    for _method in ("GET", "DELETE"):
+        EXPECTED[(f"{_root}/$bulk-status/{{job_id}}", _method)] = frozenset(
+            {"admin", "reader", "ingest"}
+        )
+
 #: FHIR reads, searches and histories.
 _FHIR_READ = re.compile(
     r"^/fhir/\{resource_type\}(/\{logical_id\})?(/_history(/\{version_id\})?)?$"
@@ -118,6 +129,8 @@ PARAMS = {
     "logical_id": "obs-1",
     "version_id": "1",
     "message_id": "1",
+    "group_id": "cohort-1",
+    "job_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
 }
 
 

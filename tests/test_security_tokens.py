@@ -27,7 +27,7 @@ from medlake.index.schema import api_tokens
 from medlake.ingest.archive import Archive
 from medlake.security import Grant, Role, create_token, list_tokens, revoke_token
 
-pytest_plugins = ["tests.security_support"]
+pytest_plugins = ["tests.security_fixtures"]
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

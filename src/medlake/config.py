@@ -259,6 +259,44 @@ class Settings(BaseSettings):
         "job whose process is on another host is taken over (and resumed) by another "
         "server; a job whose process on this host is gone is resumed at once.",
     )
+    public_base_url: str | None = Field(
+        default=None,
+        description="Root URL clients reach medlake at (behind a proxy: its URL), used in "
+        "ImagingStudy endpoints and cohort results' DICOMweb URLs; default "
+        "http://{host}:{http_port}.",
+    )
+    patient_id_issuers: dict[str, str] = Field(
+        default_factory=dict,
+        description="DICOM IssuerOfPatientID -> FHIR identifier system (URI) of the patient "
+        'identifiers it issues, e.g. {"HOSP_A": "http://hospital-a.example/mrn"}; an issuer '
+        "not listed becomes `urn:medlake:{partition}:issuer:{IssuerOfPatientID}`. JSON in "
+        "MEDLAKE_PATIENT_ID_ISSUERS.",
+    )
+    patient_id_default_system: str = Field(
+        default="urn:medlake:{partition}:patient-id",
+        description="FHIR identifier system of a DICOM PatientID without IssuerOfPatientID "
+        "(`{partition}` is replaced by the partition); set it to your MRN system when the "
+        "modalities send bare MRNs.",
+    )
+    imaging_study_sync: bool = Field(
+        default=True,
+        description="Keep one FHIR ImagingStudy per stored DICOM study (and the study's "
+        "patient link) up to date in a background worker of `medlake serve`; "
+        "`medlake fhir sync-imaging` catches up on demand.",
+    )
+    imaging_study_quiet_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A study's ImagingStudy is (re)written once nothing was stored into or "
+        "deleted from the study for this many seconds (one write per burst, not per "
+        "instance).",
+    )
+    imaging_study_max_instances: int = Field(
+        default=1000,
+        ge=0,
+        description="Most instances listed in one ImagingStudy (series[].instance); the "
+        "counts stay exact, larger studies list the first ones of each series.",
+    )
     auth: bool = Field(
         default=True,
         description="Authenticate every HTTP request (medlake API token or OIDC bearer JWT) "
@@ -335,6 +373,14 @@ class Settings(BaseSettings):
     def resolved_encryption_key_file(self) -> Path:
         """The KEK file, defaulting to ``{data}/keys/kek.json``."""
         return self.encryption_key_file or self.data / "keys" / "kek.json"
+
+    @property
+    def resolved_public_base_url(self) -> str:
+        """The root URL clients reach medlake at, without a trailing slash."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def resolved_database_url(self) -> str:

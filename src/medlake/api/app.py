@@ -13,6 +13,7 @@ from medlake.api import (
     admin_routes,
     ae_routes,
     batches_routes,
+    bulk_routes,
     dicomweb_routes,
     extended_tags_routes,
     fhir_routes,
@@ -61,5 +62,6 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     app.include_router(hl7_routes.router)
     app.include_router(dicomweb_routes.router, prefix="/dicomweb/partitions/{partition}")
     app.include_router(dicomweb_routes.router, prefix="/dicomweb")
+    app.include_router(bulk_routes.router)  # before the FHIR router's /fhir/{type}/{id}
     app.include_router(fhir_routes.router, prefix=fhir_routes.PREFIX)
     return app

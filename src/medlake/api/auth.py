@@ -144,6 +144,17 @@ def _fhir_rules() -> dict[tuple[str, str], RouteRule]:
     }
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         rules[("/fhir/{rest:path}", method)] = RouteRule(Action.FHIR_CAPABILITIES)
+    # Bulk Data (export, import, their jobs and files), per partition as well.
+    export = RouteRule(Action.FHIR_EXPORT, "path")
+    status = RouteRule(Action.FHIR_BULK_STATUS, "path")
+    for root in ("/fhir", "/fhir/partitions/{partition}"):
+        for kick_off in ("/$export", "/Patient/$export", "/Group/{group_id}/$export"):
+            rules[(root + kick_off, "GET")] = export
+            rules[(root + kick_off, "POST")] = export
+        rules[(f"{root}/$import", "POST")] = RouteRule(Action.FHIR_IMPORT, "path")
+        rules[(f"{root}/$bulk-status/{{job_id}}", "GET")] = status
+        rules[(f"{root}/$bulk-status/{{job_id}}", "DELETE")] = status
+        rules[(f"{root}/$bulk-file/{{job_id}}/{{name}}", "GET")] = export
     return rules
 
 
@@ -214,7 +225,8 @@ def principal_of(request: Request) -> Principal | None:
 
 
 def decision_of(request: Request) -> Decision | None:
-    """The policy decision that let the request through."""
+    """The policy decision that let the request through (with authentication off: an
+    allow-everything decision without compartments)."""
     access: Access | None = request.scope.get(_SCOPE_KEY)
     return access.decision if access else None
 
@@ -255,6 +267,8 @@ def _partition(rule: RouteRule, matched: _Matched, query: dict[str, list[str]]) 
 def _entity(matched: _Matched, query_string: str, action: Action) -> dict[str, str]:
     params = matched.path_params
     entity = {k: str(params[k]) for k in ("study", "series", "instance") if params.get(k)}
+    if params.get("group_id"):
+        entity["resource"] = f"Group/{params['group_id']}"
     resource_type = params.get("resource_type") or params.get("type")
     if resource_type:
         resource_id = params.get("id") or params.get("logical_id")

@@ -25,8 +25,9 @@ from rich.progress import (
 from rich.table import Table
 
 from medlake.cli.options import DataOption
+from medlake.clinical.bulk_import import import_files
 from medlake.config import Settings, load_settings
-from medlake.errors import MedlakeError
+from medlake.errors import InvalidInput, MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (
     Batch,
@@ -216,17 +217,60 @@ def ingest(
     data: DataOption = None,
     partition: PartitionOption = DEFAULT_PARTITION,
     workers: WorkersOption = None,
+    fhir: Annotated[
+        bool,
+        typer.Option("--fhir", help="Store NDJSON FHIR resources in the FHIR store (not staging)."),
+    ] = False,
+    mapping: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="CSV mapping (YAML file, or patients / labs / diagnoses): CSV → FHIR."),
+    ] = None,
 ) -> None:
     """Ingest DICOM (and CSV / NDJSON clinical) files: validated, stored, reconciled.
 
+    With --fhir (NDJSON) or --mapping (CSV) the files' resources go into the FHIR store
+    through the bulk import (a file, folder or glob of local files).
     Resumable: running it again continues an unfinished batch of the same source.
     Exit status 1 when files were rejected or reconciliation failed, 2 when paused.
     """
     try:
-        batch = run_ingest(load_settings(data=data), source, partition, workers)
+        if fhir or mapping is not None:
+            batch = run_fhir_import(load_settings(data=data), source, partition, mapping)
+        else:
+            batch = run_ingest(load_settings(data=data), source, partition, workers)
     except MedlakeError as exc:
         raise _fail(exc) from exc
     raise typer.Exit(_exit_code(batch))
+
+
+def run_fhir_import(
+    settings: Settings, source: str, partition: str, mapping: str | None = None
+) -> Batch:
+    """Import FHIR NDJSON files (or CSV files through ``mapping``) into the FHIR store
+    and print the batch's summary and its first rejected lines."""
+    suffixes = (".csv",) if mapping is not None else (".ndjson", ".jsonl")
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in Path().glob(source) if p.is_file())
+    if not files:
+        raise InvalidInput(f"{source}: no {' / '.join(suffixes)} files to import")
+    archive = Archive.open(settings)
+    try:
+        started = time.monotonic()
+        result = import_files(archive, files, partition=partition, mapping=mapping)
+        elapsed = time.monotonic() - started
+        if result.batch is None:
+            raise InvalidInput(f"the import failed: {result.job.error_message}")
+        _summary(archive, result.batch, _ProgressView(_progress()), elapsed)
+        if result.job.error_message:
+            console.print(f"[red]import failed[/]: {escape(result.job.error_message)}")
+        return result.batch
+    finally:
+        archive.close()
 
 
 # --- medlake watch -----------------------------------------------------------------------

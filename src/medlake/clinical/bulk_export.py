@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, and_, distinct, exists, literal, or_, select, text
+from sqlalchemy import Connection, and_, exists, literal, or_, select, text
 
 from medlake.clinical._search_sql import CriteriaBuilder
 from medlake.clinical._search_values import date_range, relative_reference
@@ -163,8 +163,10 @@ def _split(values: Sequence[str]) -> list[str]:
 
 def _instant(value: str) -> dt.datetime:
     """A FHIR instant (``_since``): date, time and zone required."""
-    if "T" not in value or date_range(value) is None or not (
-        value.endswith("Z") or value[-6] in "+-"
+    if (
+        "T" not in value
+        or date_range(value) is None
+        or not (value.endswith("Z") or value[-6] in "+-")
     ):
         raise InvalidInput(
             f"_since {value!r} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z, with a zone)"
@@ -306,7 +308,9 @@ def group_members(archive: Archive, partition: str, group_id: str) -> list[str]:
             if member.get("inactive") is True:
                 continue
             reference = (member.get("entity") or {}).get("reference")
-            target = relative_reference(_relative(reference)) if isinstance(reference, str) else None
+            target = (
+                relative_reference(_relative(reference)) if isinstance(reference, str) else None
+            )
             if target is None:
                 continue
             if target[0] == "Patient":
@@ -396,7 +400,9 @@ class _Plan:
     def _compartment(self, resource_type: str) -> Any:
         patients = job_patients_select(self.job_id)
         if resource_type == "Patient":
-            return fhir_resources.c.logical_id.in_(patients) if self.listed_patients else literal(True)
+            return (
+                fhir_resources.c.logical_id.in_(patients) if self.listed_patients else literal(True)
+            )
         values = fhir_search_values.c
         reference = select(literal(1)).where(
             values.resource_id == fhir_resources.c.id,
@@ -432,7 +438,7 @@ def _wait_for_writers(archive: Archive, transaction_time: dt.datetime) -> None:
 
 def _present_types(conn: Connection, partition_pk: int) -> list[str]:
     rows = conn.execute(
-        select(distinct(fhir_resources.c.resource_type)).where(
+        select(fhir_resources.c.resource_type).distinct().where(
             fhir_resources.c.partition_id == partition_pk
         )
     ).scalars()
@@ -599,9 +605,7 @@ def _warnings_file(context: JobContext, warnings: list[str]) -> JobFile:
     return JobFile("OperationOutcome", name, len(lines))
 
 
-def manifest(
-    job: BulkJob, *, file_url: Any, requires_access_token: bool
-) -> dict[str, Any]:
+def manifest(job: BulkJob, *, file_url: Any, requires_access_token: bool) -> dict[str, Any]:
     """The complete-status body of a finished export (``file_url(name)`` is the
     download URL of a file)."""
     assert job.transaction_time is not None
@@ -609,12 +613,8 @@ def manifest(
         "transactionTime": fhir_instant(job.transaction_time),
         "request": job.request,
         "requiresAccessToken": requires_access_token,
-        "output": [
-            {"type": f.type, "url": file_url(f.name), "count": f.count} for f in job.output
-        ],
-        "error": [
-            {"type": f.type, "url": file_url(f.name), "count": f.count} for f in job.errors
-        ],
+        "output": [{"type": f.type, "url": file_url(f.name), "count": f.count} for f in job.output],
+        "error": [{"type": f.type, "url": file_url(f.name), "count": f.count} for f in job.errors],
     }
 
 

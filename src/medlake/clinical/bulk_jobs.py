@@ -237,7 +237,9 @@ def remove_job_files(archive: Archive, job: BulkJob) -> None:
     for key in list(archive.blobs.list(prefix)):
         archive.blobs.delete(key)
     with archive.engine.begin() as conn:
-        conn.execute(delete(fhir_bulk_job_patients).where(fhir_bulk_job_patients.c.job_id == job.id))
+        conn.execute(
+            delete(fhir_bulk_job_patients).where(fhir_bulk_job_patients.c.job_id == job.id)
+        )
 
 
 def job_file_key(archive: Archive, job: BulkJob, name: str) -> str:
@@ -251,7 +253,7 @@ def job_file_key(archive: Archive, job: BulkJob, name: str) -> str:
 # --- running a job -------------------------------------------------------------------------
 
 
-class JobStopped(Exception):  # noqa: N818 - a signal, not an error
+class JobStopped(Exception):
     """Raised at a step of a job that must stop: cancelled, taken over, or its runner
     is stopping (the job is then handed back and resumes later)."""
 

@@ -268,6 +268,8 @@ def _at_entry(exc: MedlakeError, entry: Entry) -> MedlakeError:
 
 
 def _transaction(session: WriteSession, entries: list[Entry], base: str, prefer: str) -> None:
+    for entry in entries:  # a rerun after a lost race starts from the request again
+        entry.target = entry.result = entry.response = None
     ordered = sorted(entries, key=lambda e: _ORDER[e.method])
     mapping: dict[str, str] = {}
     conditions: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}

@@ -83,6 +83,9 @@ class FieldMapping(BaseModel):
     default: Any = None
     #: An empty value (no ``default``) makes the row fail instead of leaving the element out.
     required: bool = False
+    #: Set the element only when this column has a value (a constant that belongs with
+    #: an optional column, such as ``telecom[0].system: phone``).
+    when: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> FieldMapping:
@@ -99,11 +102,12 @@ class FieldMapping(BaseModel):
 
     def columns(self) -> list[str]:
         """The CSV columns this field reads."""
+        found = [self.when] if self.when is not None else []
         if self.column is not None:
-            return [self.column]
+            found.append(self.column)
         if self.template is not None:
-            return _placeholders(self.template)
-        return []
+            found.extend(_placeholders(self.template))
+        return found
 
 
 class CsvOptions(BaseModel):
@@ -154,7 +158,8 @@ class CsvMapping(BaseModel):
             value = _field_value(mapped, row)
             if value is not None:
                 _assign(resource, _parse_path(mapped.path), value)
-        return _compact(resource)
+        compacted: dict[str, Any] = _compact(resource)
+        return compacted
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -184,6 +189,8 @@ def _fill(template: str, row: dict[str, str], path: str, required: bool) -> str 
 
 
 def _field_value(mapped: FieldMapping, row: dict[str, str]) -> Any:
+    if mapped.when is not None and not (row.get(mapped.when) or "").strip():
+        return None
     if mapped.value is not None:
         return mapped.value
     if mapped.template is not None:
@@ -204,7 +211,9 @@ def _field_value(mapped: FieldMapping, row: dict[str, str]) -> Any:
         if not isinstance(value, str):
             return value
     if mapped.split is not None:
-        return [_transformed(mapped, part.strip()) for part in value.split(mapped.split) if part.strip()]
+        return [
+            _transformed(mapped, part.strip()) for part in value.split(mapped.split) if part.strip()
+        ]
     return _transformed(mapped, value)
 
 
@@ -275,7 +284,9 @@ def _zone(name: str) -> dt.tzinfo:
     offset = re.match(r"^([+-])(\d{2}):(\d{2})$", name)
     if offset:
         sign = -1 if offset.group(1) == "-" else 1
-        return dt.timezone(sign * dt.timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3))))
+        return dt.timezone(
+            sign * dt.timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3)))
+        )
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -353,7 +364,9 @@ def load_mapping(name_or_path: str | Path) -> CsvMapping:
     (:class:`InvalidInput`) naming what is wrong with it."""
     path = Path(name_or_path)
     if not path.is_file():
-        shipped = shipped_mappings().get(path.stem if path.suffix in (".yaml", ".yml") else str(name_or_path))
+        shipped = shipped_mappings().get(
+            path.stem if path.suffix in (".yaml", ".yml") else str(name_or_path)
+        )
         if shipped is None:
             known = ", ".join(sorted(shipped_mappings()))
             raise InvalidInput(
@@ -380,7 +393,9 @@ def parse_mapping(data: Any, where: str = "mapping") -> CsvMapping:
         raise InvalidInput(f"{where} is not a valid CSV mapping: {problems}") from exc
 
 
-def map_rows(mapping: CsvMapping, stream: TextIO) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+def map_rows(
+    mapping: CsvMapping, stream: TextIO
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     """``(line, resource or error)`` for each data row of a CSV file; ``line`` is the
     file line the row starts on (the header is line 1)."""
     reader = csv.reader(stream, delimiter=mapping.csv.delimiter)

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from sqlalchemy import select
 
+from medlake.clinical.patient_identity import relink_merged
 from medlake.clinical.store import CurrentRow, WriteOp, WriteSession, run_write
 from medlake.errors import InvalidInput, NotFound
 from medlake.index.schema import fhir_resources, fhir_search_values
@@ -97,6 +98,9 @@ def _merge(session: WriteSession, source_id: str, target_id: str) -> MergeResult
     ops.append(WriteOp("Patient", source_id, source_patient, "PUT", source_row))
     ops.append(WriteOp("Patient", target_id, target_patient, "PUT", target_row))
     session.apply(ops)
+    # Imaging side (patient identity): the source's studies, identifiers and records move
+    # to the target's patient key in the same transaction.
+    relink_merged(session.conn, session.partition_pk, source_id, target_id)
     return MergeResult(f"Patient/{source_id}", f"Patient/{target_id}", repointed)
 
 

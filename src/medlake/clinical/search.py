@@ -10,7 +10,6 @@ reported in an OperationOutcome entry otherwise.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from medlake.clinical._search_sql import (
     InvalidSearchValue,
     UnknownSearchParameter,
 )
+from medlake.clinical.resources import parse_json
 from medlake.clinical.search_params import COMMON_PARAMETERS, SEARCH_PARAMETERS, parameters_of
 from medlake.index.schema import fhir_resources, fhir_search_values
 
@@ -433,7 +433,8 @@ def _reverse(
 
 
 def _entry(base_url: str, row: Any, mode: str, parsed: _Query | None) -> dict[str, Any]:
-    resource: dict[str, Any] = json.loads(row.content)
+    # parse_json keeps decimals as written (72.50 stays 72.50), as a read does.
+    resource: dict[str, Any] = parse_json(row.content, "stored resource")
     if parsed is not None:
         resource = _shaped(resource, parsed)
     return {

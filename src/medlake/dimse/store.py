@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from medlake.dicom.file_meta import PREAMBLE, encode_file_meta
 from medlake.dimse.ae_registry import CallingAeRules
 from medlake.dimse.association_batch import AssociationBatch
 from medlake.errors import MedlakeError, StorageError
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 _UID = re.compile(r"\b[0-9]+(\.[0-9]+){3,}\b")
 NOT_AUTHORISED = 0x0124
-_PREAMBLE = b"\0" * 128 + b"DICM"
 
 
 @dataclass(frozen=True)
@@ -98,18 +98,28 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
 
 
 def stage(archive: Archive, event: Any) -> ReceivedFile:
-    """Write the received data set as a Part-10 file into staging, hashing it on the way."""
+    """Write the received data set as a Part-10 file into staging.
+
+    Not hashed here: the inspection hashes the staged file in a thread while it parses
+    the header (hashing releases the GIL), so the SCU's wait includes no hashing.
+    """
     target = archive.staging_dir / f"{uuid.uuid4().hex}.part"
     dataset_path = _dataset_path(event)
     if dataset_path is not None:
         return _adopt(dataset_path, target)
+    request = event.request
     # The File Meta is the same whoever sends the instance (no Source AE title: the batch
     # records the calling AE), so the same data set sent again is a duplicate, not a conflict.
-    header = _PREAMBLE + encode_file_meta(event.file_meta)
-    data = event.request.DataSet
+    # Made from the request as pynetdicom's Event.file_meta makes it, byte for byte.
+    header = PREAMBLE + encode_file_meta(
+        request.AffectedSOPClassUID,
+        request.AffectedSOPInstanceUID,
+        event.context.transfer_syntax,
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    data = request.DataSet
     body = data.getbuffer() if isinstance(data, BytesIO) else memoryview(bytes(data or b""))
-    digest = hashlib.sha256(header)
-    digest.update(body)
     try:
         with target.open("wb") as fh:
             fh.write(header)
@@ -118,7 +128,7 @@ def stage(archive: Archive, event: Any) -> ReceivedFile:
         target.unlink(missing_ok=True)
         raise
     head = header + bytes(body[: max(HEAD_BYTES - len(header), 0)])
-    return ReceivedFile(target, len(header) + len(body), digest.hexdigest(), head)
+    return ReceivedFile(target, len(header) + len(body), None, head)
 
 
 def _dataset_path(event: Any) -> Path | None:

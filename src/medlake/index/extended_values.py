@@ -83,6 +83,14 @@ class InstanceRef:
     series_id: int
 
 
+# Built once: every store of an instance asks this (prebuilt, SQLAlchemy skips building
+# the statement and its cache key).
+_INDEXING_TAGS = select(extended_query_tags).where(
+    extended_query_tags.c.status.in_(("adding", "ready"))
+)
+_INDEXING_TAGS_LOCKED = _INDEXING_TAGS.with_for_update(read=True)
+
+
 def indexing_tags(
     conn: Connection, *, tag_ids: Iterable[int] | None = None, lock: bool = False
 ) -> list[IndexedTag]:
@@ -93,11 +101,12 @@ def indexing_tags(
     the transaction ends, so a tag cannot be deleted between this read and the insert
     of its values. SQLite has a single writer and needs none.
     """
-    query = select(extended_query_tags).where(extended_query_tags.c.status.in_(("adding", "ready")))
-    if tag_ids is not None:
-        query = query.where(extended_query_tags.c.id.in_(list(tag_ids)))
-    if lock:
-        query = query.with_for_update(read=True)
+    if tag_ids is None:
+        query = _INDEXING_TAGS_LOCKED if lock else _INDEXING_TAGS
+    else:
+        query = _INDEXING_TAGS.where(extended_query_tags.c.id.in_(list(tag_ids)))
+        if lock:
+            query = query.with_for_update(read=True)
     return [
         IndexedTag(r.id, int(r.tag, 16), r.vr, r.keyword or "", r.private_creator)
         for r in conn.execute(query)

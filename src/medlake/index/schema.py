@@ -442,7 +442,7 @@ hl7_messages = Table(
     # received | mapped | failed | rejected | duplicate
     Column("status", String(12), nullable=False),
     Column("ack_code", String(2)),  # AA | AE | AR; None: no ACK could be sent
-    Column("error_code", String(8)),  # HL7 table 0357, or a framing error name
+    Column("error_code", String(16)),  # HL7 table 0357, or a framing error name
     Column("error_text", Text),
     Column("duplicate_of", Id),  # the first message with the same sender and MSH-10
     Column("resource_refs", Text),  # JSON list of the FHIR resources made from it
@@ -570,4 +570,72 @@ Index(
     fhir_resources.c.partition_id,
     fhir_resources.c.resource_type,
     fhir_resources.c.id,
+)
+
+# --- patient identity: one patient across DICOM and FHIR ----------------------------------
+
+#: One patient of a partition (the "patient key" of imaging and clinical rows). ``fhir_id``
+#: is the Patient resource that speaks for it (ImagingStudy.subject); a key merged into
+#: another keeps its row, with ``merged_into`` naming the surviving key.
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("fhir_id", String(64), nullable=False),
+    Column("merged_into", ForeignKey("patients.id")),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    UniqueConstraint("partition_id", "fhir_id"),
+    Index(None, "merged_into"),
+)
+
+#: Identifiers that name a patient: DICOM PatientID (system from IssuerOfPatientID) and
+#: FHIR Patient.identifier. ``system`` is '' for an identifier without one.
+patient_identifiers = Table(
+    "patient_identifiers",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("system", String(256), nullable=False),
+    Column("value", String(256), nullable=False),
+    Column("patient_id", ForeignKey("patients.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", TS, nullable=False),
+    UniqueConstraint("partition_id", "system", "value"),
+    Index(None, "patient_id"),
+)
+
+#: Every FHIR Patient resource known to belong to a patient key (several when the same
+#: person was registered twice, or after a merge), with the version last looked at.
+patient_records = Table(
+    "patient_records",
+    metadata,
+    Column("partition_id", ForeignKey("partitions.id"), primary_key=True),
+    Column("fhir_id", String(64), primary_key=True),
+    Column("patient_id", ForeignKey("patients.id", ondelete="CASCADE"), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Index(None, "patient_id"),
+)
+
+#: The patient of each stored study, and its StudyDate as an instant (00:00 UTC) for the
+#: temporal relations of cohort queries. Goes with the study (cascade).
+study_patients = Table(
+    "study_patients",
+    metadata,
+    Column("study_id", ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True),
+    Column("partition_id", ForeignKey("partitions.id"), nullable=False),
+    Column("patient_id", ForeignKey("patients.id"), nullable=False),
+    Column("study_date", TS),
+    Column("linked_at", TS, nullable=False),
+    Index(None, "patient_id"),
+)
+
+#: Where background followers of the index have got to (``change_feed`` sequence, FHIR
+#: resource version id), by follower name.
+sync_cursors = Table(
+    "sync_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", TS, nullable=False),
 )

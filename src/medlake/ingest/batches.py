@@ -324,6 +324,25 @@ def count_errors(conn: Connection, batch_id: str) -> dict[str, int]:
     return {severity: count for severity, count in rows}
 
 
+# Built once: a C-STORE records its outcome with this statement in every transaction.
+_ADD_TO_BATCH = (
+    update(batches)
+    .where(batches.c.id == bindparam("b_id"))
+    .values(
+        seen=batches.c.seen + bindparam("b_seen"),
+        stored=batches.c.stored + bindparam("b_stored"),
+        duplicates=batches.c.duplicates + bindparam("b_duplicates"),
+        rejected=batches.c.rejected + bindparam("b_rejected"),
+        bytes=batches.c.bytes + bindparam("b_bytes"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(
+        batches.c.seen, batches.c.stored, batches.c.duplicates, batches.c.rejected,
+        batches.c.status,
+    )
+)  # fmt: skip
+
+
 def record_files(conn: Connection, ledger: BatchLedger, records: Sequence[FileRecord]) -> None:
     """Write the outcomes of ``records`` into their batch, in the caller's transaction:
     the batch counts, one ``ingest_errors`` row per finding, and the work-queue items.
@@ -351,20 +370,11 @@ def record_files(conn: Connection, ledger: BatchLedger, records: Sequence[FileRe
         ledger.counts = BatchCounts(seen, stored, duplicates, rejected, BatchStatus.COMPLETED)
     else:
         row = conn.execute(
-            update(batches)
-            .where(batches.c.id == ledger.batch_id)
-            .values(
-                seen=batches.c.seen + seen,
-                stored=batches.c.stored + stored,
-                duplicates=batches.c.duplicates + duplicates,
-                rejected=batches.c.rejected + rejected,
-                bytes=batches.c.bytes + size,
-                updated_at=now,
-            )
-            .returning(
-                batches.c.seen, batches.c.stored, batches.c.duplicates, batches.c.rejected,
-                batches.c.status,
-            )
+            _ADD_TO_BATCH,
+            {
+                "b_id": ledger.batch_id, "b_seen": seen, "b_stored": stored,
+                "b_duplicates": duplicates, "b_rejected": rejected, "b_bytes": size, "b_now": now,
+            },
         ).one()  # fmt: skip
         ledger.counts = BatchCounts(*row)
     errors = [

@@ -88,6 +88,8 @@ AUDITED_ACTIONS: dict[Action, AuditEventType] = {
     Action.FHIR_UPDATE: AuditEventType("110110", None, "U"),
     Action.FHIR_DELETE: AuditEventType("110110", None, "D"),
     Action.FHIR_TRANSACTION: AuditEventType("110110", None, "E"),
+    Action.FHIR_EXPORT: AuditEventType("110106", None, "R"),
+    Action.FHIR_IMPORT: AuditEventType("110107", None, "C"),
     Action.HL7_RECEIVE: AuditEventType("110110", None, "C"),
     Action.HL7_READ: AuditEventType("110110", None, "R"),
     Action.DEID_READ: AuditEventType("110106", None, "R"),

@@ -44,6 +44,9 @@ class Action(enum.StrEnum):
     FHIR_UPDATE = "fhir.update"
     FHIR_DELETE = "fhir.delete"
     FHIR_TRANSACTION = "fhir.transaction"
+    FHIR_EXPORT = "fhir.export"
+    FHIR_IMPORT = "fhir.import"
+    FHIR_BULK_STATUS = "fhir.bulk_status"
     HL7_RECEIVE = "hl7.receive"
     HL7_READ = "hl7.read"
     DEID_READ = "deid.read"
@@ -64,6 +67,9 @@ FHIR_INTERACTIONS: dict[Action, frozenset[Interaction]] = {
     # A transaction's entries are checked one by one by the FHIR service; the bundle as
     # a whole needs a role that may write.
     Action.FHIR_TRANSACTION: frozenset({Interaction.CREATE, Interaction.UPDATE}),
+    # Bulk Data: an export reads every resource of its types (system/*.read).
+    Action.FHIR_EXPORT: frozenset({Interaction.READ}),
+    Action.FHIR_IMPORT: frozenset({Interaction.CREATE, Interaction.UPDATE}),
 }
 
 _READ_PHI = frozenset(
@@ -89,11 +95,13 @@ ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
         Action.FHIR_CREATE,
         Action.FHIR_UPDATE,
         Action.FHIR_TRANSACTION,
+        Action.FHIR_IMPORT,
+        Action.FHIR_BULK_STATUS,
         Action.HL7_RECEIVE,
         Action.BATCH_READ,
         Action.BATCH_MANAGE,
     },
-    Role.READER: _ALWAYS | _READ_PHI,
+    Role.READER: _ALWAYS | _READ_PHI | {Action.FHIR_EXPORT, Action.FHIR_BULK_STATUS},
     Role.RESEARCHER: _ALWAYS | {Action.DEID_READ},
     Role.AUDITOR: _ALWAYS | {Action.AUDIT_READ, Action.BATCH_READ},
 }

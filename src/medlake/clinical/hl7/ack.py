@@ -109,7 +109,7 @@ class _Escaper:
     """Escapes text for a field (HL7 v2.5.1 section 2.7.4) with the message's separators."""
 
     def __init__(self, separator: str, encoding: str) -> None:
-        component, repetition, escape, subcomponent = encoding[:4]
+        component, repetition, escape, subcomponent = (encoding[i] for i in range(4))
         self._escape = escape
         self._map = {
             escape: f"{escape}E{escape}",

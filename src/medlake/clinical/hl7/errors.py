@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from medlake.errors import MedlakeError
+from medlake.errors import NetworkError
 
 
 class ErrorCode(IntEnum):
@@ -95,7 +95,5 @@ def acknowledgment_code(issues: list[Hl7Issue]) -> str:
     return "AE" if issues else "AA"
 
 
-class MllpError(MedlakeError):
+class MllpError(NetworkError):
     """The MLLP listener could not start (e.g. its port is taken)."""
-
-    http_status = 502

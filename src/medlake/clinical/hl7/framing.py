@@ -152,15 +152,17 @@ class MllpDecoder:
         restart = data.find(START_BLOCK, pos, end if end >= 0 else len(data))
         if restart >= 0:
             # A new start block before this one ended: the sender gave up on it.
-            self._keep(data, pos, restart, self._max + 1)
+            self._keep(data, pos, restart, max(self._max + 1, KEPT_BYTES))
             if self._oversized:
-                events.append(OversizedBlock(bytes(self._kept), self._size))
+                events.append(OversizedBlock(bytes(self._kept[:KEPT_BYTES]), self._size))
             else:
                 events.append(UnterminatedBlock(bytes(self._kept[:KEPT_BYTES]), self._size))
             self._begin(inside=True)
             return restart + 1
         stop = end if end >= 0 else len(data)
-        self._keep(data, pos, stop, KEPT_BYTES if self._oversized else self._max + 1)
+        self._keep(
+            data, pos, stop, KEPT_BYTES if self._oversized else max(self._max + 1, KEPT_BYTES)
+        )
         if end < 0:
             self._fs_pending = data.endswith(b"\x1c")
             if self._size > self._max and not self._oversized:
@@ -169,7 +171,7 @@ class MllpDecoder:
             return len(data)
         size = self._size - len(END_BLOCK)
         if self._oversized or size > self._max:
-            events.append(OversizedBlock(bytes(self._kept[:KEPT_BYTES]), size))
+            events.append(OversizedBlock(bytes(self._kept[: min(size, KEPT_BYTES)]), size))
         else:
             events.append(Block(bytes(self._kept[:size])))
         self._begin(inside=False)

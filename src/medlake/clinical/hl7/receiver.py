@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine
@@ -110,12 +110,9 @@ class GroupCommit:
 @dataclass
 class _Request:
     records: list[MessageRecord]
-    stored: list[Stored] | None = None
+    stored: list[Stored] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
-
-    def __post_init__(self) -> None:
-        self.stored = []
 
 
 @dataclass

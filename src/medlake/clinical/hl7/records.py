@@ -76,7 +76,7 @@ class MessageRecord:
             "raw_bytes": self.raw_bytes,
             "status": self.status,
             "ack_code": self.ack_code,
-            "error_code": _cut(self.error_code, 8),
+            "error_code": _cut(self.error_code, 16),
             "error_text": self.error_text,
         }
 
@@ -139,7 +139,9 @@ def insert_messages(conn: Connection, records: Sequence[MessageRecord]) -> list[
         values.update(duplicate_of=original, resource_refs=None, mapped_at=None)
         if original is not None:
             values["status"] = DUPLICATE
-        new_id = int(conn.execute(_INSERT, values).inserted_primary_key[0])
+        inserted = conn.execute(_INSERT, values).inserted_primary_key
+        assert inserted is not None
+        new_id = int(inserted[0])
         if key is not None and original is None:
             first_of[key] = new_id
         out.append(Stored(new_id, original))

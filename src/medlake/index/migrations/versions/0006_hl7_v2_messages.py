@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("raw_bytes", sa.LargeBinary(), nullable=True),
         sa.Column("status", sa.String(length=12), nullable=False),
         sa.Column("ack_code", sa.String(length=2), nullable=True),
-        sa.Column("error_code", sa.String(length=8), nullable=True),
+        sa.Column("error_code", sa.String(length=16), nullable=True),
         sa.Column("error_text", sa.Text(), nullable=True),
         sa.Column("duplicate_of", _ID, nullable=True),
         sa.Column("resource_refs", sa.Text(), nullable=True),

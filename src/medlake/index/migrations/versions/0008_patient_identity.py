@@ -7,15 +7,140 @@ Create Date: 2026-11-24 14:40:00
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+from alembic import op
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
 
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+TS = sa.DateTime(timezone=True)
+
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "patients",
+        sa.Column("id", Id, autoincrement=True, nullable=False),
+        sa.Column("partition_id", Id, nullable=False),
+        sa.Column("fhir_id", sa.String(length=64), nullable=False),
+        sa.Column("merged_into", Id, nullable=True),
+        sa.Column("created_at", TS, nullable=False),
+        sa.Column("updated_at", TS, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["partition_id"], ["partitions.id"], name=op.f("fk_patients_partition_id_partitions")
+        ),
+        sa.ForeignKeyConstraint(
+            ["merged_into"], ["patients.id"], name=op.f("fk_patients_merged_into_patients")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_patients")),
+        sa.UniqueConstraint(
+            "partition_id", "fhir_id", name=op.f("uq_patients_partition_id_fhir_id")
+        ),
+    )
+    op.create_index(op.f("ix_patients_merged_into"), "patients", ["merged_into"], unique=False)
+
+    op.create_table(
+        "patient_identifiers",
+        sa.Column("id", Id, autoincrement=True, nullable=False),
+        sa.Column("partition_id", Id, nullable=False),
+        sa.Column("system", sa.String(length=256), nullable=False),
+        sa.Column("value", sa.String(length=256), nullable=False),
+        sa.Column("patient_id", Id, nullable=False),
+        sa.Column("created_at", TS, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["partition_id"],
+            ["partitions.id"],
+            name=op.f("fk_patient_identifiers_partition_id_partitions"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["patient_id"],
+            ["patients.id"],
+            name=op.f("fk_patient_identifiers_patient_id_patients"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_patient_identifiers")),
+        sa.UniqueConstraint(
+            "partition_id",
+            "system",
+            "value",
+            name=op.f("uq_patient_identifiers_partition_id_system_value"),
+        ),
+    )
+    op.create_index(
+        op.f("ix_patient_identifiers_patient_id"),
+        "patient_identifiers",
+        ["patient_id"],
+        unique=False,
+    )
+
+    op.create_table(
+        "patient_records",
+        sa.Column("partition_id", Id, nullable=False),
+        sa.Column("fhir_id", sa.String(length=64), nullable=False),
+        sa.Column("patient_id", Id, nullable=False),
+        sa.Column("version_id", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["partition_id"],
+            ["partitions.id"],
+            name=op.f("fk_patient_records_partition_id_partitions"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["patient_id"],
+            ["patients.id"],
+            name=op.f("fk_patient_records_patient_id_patients"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("partition_id", "fhir_id", name=op.f("pk_patient_records")),
+    )
+    op.create_index(
+        op.f("ix_patient_records_patient_id"), "patient_records", ["patient_id"], unique=False
+    )
+
+    op.create_table(
+        "study_patients",
+        sa.Column("study_id", Id, nullable=False),
+        sa.Column("partition_id", Id, nullable=False),
+        sa.Column("patient_id", Id, nullable=False),
+        sa.Column("study_date", TS, nullable=True),
+        sa.Column("linked_at", TS, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["study_id"],
+            ["studies.id"],
+            name=op.f("fk_study_patients_study_id_studies"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["partition_id"],
+            ["partitions.id"],
+            name=op.f("fk_study_patients_partition_id_partitions"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["patient_id"], ["patients.id"], name=op.f("fk_study_patients_patient_id_patients")
+        ),
+        sa.PrimaryKeyConstraint("study_id", name=op.f("pk_study_patients")),
+    )
+    op.create_index(
+        op.f("ix_study_patients_patient_id"), "study_patients", ["patient_id"], unique=False
+    )
+
+    op.create_table(
+        "sync_cursors",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_sync_cursors")),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("sync_cursors")
+    op.drop_index(op.f("ix_study_patients_patient_id"), table_name="study_patients")
+    op.drop_table("study_patients")
+    op.drop_index(op.f("ix_patient_records_patient_id"), table_name="patient_records")
+    op.drop_table("patient_records")
+    op.drop_index(op.f("ix_patient_identifiers_patient_id"), table_name="patient_identifiers")
+    op.drop_table("patient_identifiers")
+    op.drop_index(op.f("ix_patients_merged_into"), table_name="patients")
+    op.drop_table("patients")
