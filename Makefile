@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse bench-hl7 clean
+.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse bench-hl7 bench-fhir clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ bench-dimse: install  ## DIMSE C-STORE rate and C-FIND latency vs Orthanc (~6 mi
 
 bench-hl7: install  ## HL7 v2 over MLLP: messages/s on one connection, stored before each ACK (~1 min)
 	$(PY) benchmarks/hl7_mllp.py
+
+bench-fhir: install  ## FHIR $$import and transaction rates, $$export of 1M resources with peak RSS (~15 min)
+	$(PY) benchmarks/fhir_bulk.py --out bench-results/fhir-bulk.txt
 
 clean:
 	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@
 #   DATASET             folder from make_dataset.py      [generated in BENCH_WORK]
 #   OUT_DIR             where results go                 [<repo>/bench-results/<date-time>]
 #   PYTHON              python with pydicom + requests   [<repo>/.venv/bin/python]
-#   MEDLAKE_SERVE_ARGS  extra `medlake serve` args, e.g. --insecure-no-auth   [empty]
+#   MEDLAKE_SERVE_ARGS  extra `medlake serve` args   [--insecure-no-auth: the peer is measured without auth too]
 #   MEDLAKE_PORT        medlake HTTP port                [18142]
 #   ORTHANC_RESULTS     reuse this Orthanc results file instead of running the peer
 #                       (e.g. benchmarks/results/orthanc-<date>.txt; saves ~4 min)
@@ -66,7 +66,7 @@ DATA="$BENCH_WORK/medlake-data"
 rm -rf "$DATA"; mkdir -p "$DATA"
 # shellcheck disable=SC2086  # MEDLAKE_SERVE_ARGS is a list of words on purpose
 "$REPO/.venv/bin/medlake" serve --data "$DATA" --http-port "$PORT" --dimse-port 0 \
-  ${MEDLAKE_SERVE_ARGS:-} >"$OUT_DIR/medlake-server.log" 2>&1 &
+  ${MEDLAKE_SERVE_ARGS:---insecure-no-auth} >"$OUT_DIR/medlake-server.log" 2>&1 &
 SERVER_PID=$!  # the console script is python itself, so this PID is the server (RSS, CPU)
 for _ in $(seq 1 120); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/healthz")" = 200 ] && break
@@ -79,7 +79,7 @@ done
 echo "# running the same phases against medlake ..." >&2
 {
   echo "# DICOM server side-by-side: medlake"
-  echo "# date: $(date -u +%FT%TZ)  host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)  medlake: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?')  serve args: ${MEDLAKE_SERVE_ARGS:-none}"
+  echo "# date: $(date -u +%FT%TZ)  host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)  medlake: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?')  serve args: ${MEDLAKE_SERVE_ARGS:---insecure-no-auth}"
   echo "# dataset: $DATASET"
   echo
   echo "## medlake: fresh data dir, STOW-RS ingest, then reads"

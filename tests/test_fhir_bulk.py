@@ -523,3 +523,8 @@ def test_a_failed_job_reports_a_server_error(
     assert response.status_code == 500
     assert "vanishing.ndjson" in response.json()["issue"][0]["diagnostics"]
     assert get_job(archive, job.id).error_message
+    assert job.batch_id is not None
+    with archive.engine.connect() as conn:
+        batch = get_batch(conn, job.batch_id)
+    assert batch.status == "failed"
+    assert "vanishing.ndjson" in batch.detail["differences"][0]

@@ -5,7 +5,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hl7.client import MLLPClient
@@ -118,3 +125,41 @@ def test_cli_lists_and_shows_messages(received: MllpServer, settings: Settings) 
 
     missing = runner.invoke(cli, ["hl7", "show", "424242", "--data", str(settings.data)], env=env)
     assert missing.exit_code == 1
+
+
+def test_medlake_mllp_receives_until_sigterm(settings: Settings) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).with_name("medlake")
+    env = dict(os.environ, MEDLAKE_DATABASE_URL=settings.resolved_database_url)
+    server = subprocess.Popen(
+        [str(script), "mllp", "--data", str(settings.data), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "medlake mllp did not listen"
+                time.sleep(0.1)
+        with MLLPClient("127.0.0.1", port) as client:
+            ack = client.send_message(adt("A01", "CLI-1"))
+        assert b"MSA|AA|CLI-1" in ack
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0].decode()
+    assert server.returncode == 0, output
+    assert f"MLLP: HL7 v2 on 127.0.0.1:{port}" in output
+    archive = Archive.open(settings)
+    try:
+        (row,) = rows(archive, control_id="CLI-1")
+        assert row.status in ("received", "mapped")
+    finally:
+        archive.close()

@@ -44,6 +44,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("/docs/oauth2-redirect", "GET"): EVERYONE,
     ("/redoc", "GET"): EVERYONE,
     ("/healthz", "GET"): EVERYONE,
+    ("/readyz", "GET"): EVERYONE,
+    ("/metrics", "GET"): frozenset({"admin", "auditor"}),  # unless metrics_public
     ("/ohif", "GET"): EVERYONE,
     ("/ohif/{rest:path}", "GET"): EVERYONE,
     ("/partitions", "GET"): ROLES,
@@ -69,6 +71,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("/application-entities/{ae_title}", "PUT"): ADMIN,
     ("/application-entities/{ae_title}", "DELETE"): ADMIN,
     ("/application-entities/{ae_title}/echo", "POST"): ADMIN,
+    ("/cohorts", "GET"): frozenset({"admin", "reader"}),
+    ("/cohorts", "POST"): frozenset({"admin", "reader"}),
     ("/hl7/messages", "GET"): ADMIN,  # every partition, unless ?partition= is given
     ("/hl7/messages/{message_id}", "GET"): ADMIN,
     ("/hl7/messages/{message_id}/raw", "GET"): ADMIN,
@@ -92,6 +96,7 @@ for _root in ("/fhir", "/fhir/partitions/{partition}"):
             EXPECTED[(_root + _kick_off, _method)] = frozenset({"admin", "reader"})
     EXPECTED[(f"{_root}/$bulk-file/{{job_id}}/{{name}}", "GET")] = frozenset({"admin", "reader"})
     EXPECTED[(f"{_root}/$import", "POST")] = frozenset({"admin", "ingest"})
+    EXPECTED[(f"{_root}/Patient/$merge", "POST")] = frozenset({"admin", "ingest"})
     for _method in ("GET", "DELETE"):
         EXPECTED[(f"{_root}/$bulk-status/{{job_id}}", _method)] = frozenset(
             {"admin", "reader", "ingest"}

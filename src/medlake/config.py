@@ -90,6 +90,14 @@ class Settings(BaseSettings):
         description="Map stored HL7 v2 messages to FHIR resources in a background worker of "
         "`medlake serve` / `medlake mllp` (off: messages are stored and acknowledged only).",
     )
+    hl7_mapping_share: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Largest share of the time the HL7 v2 mapper works while messages are "
+        "arriving over MLLP, so that acknowledgements keep their pace; it maps at full "
+        "speed once the feed has paused for a second (1.0 = never give way).",
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the index; default sqlite:///{data}/index.sqlite. "
@@ -347,6 +355,31 @@ class Settings(BaseSettings):
     )
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
     log_level: str = Field(default="INFO", description="Logging level of the server and CLI.")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of `medlake serve`: `text` (one readable line, for a terminal) "
+        "or `json` (one JSON object per line with timestamp, level, logger, message and "
+        "request_id, for log collectors).",
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="Let anyone scrape /metrics without a token (e.g. a Prometheus on a "
+        "private network); by default only admin and auditor tokens may. The metrics hold "
+        "counts per route template and partition, never UIDs or patient data.",
+    )
+    readiness_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds /readyz waits for the index database to answer `SELECT 1` "
+        "before it reports the database as failing (503).",
+    )
+    http_max_header_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        description="Largest request line, and largest sum of request header lines, the "
+        "HTTP server accepts, in bytes; larger ones are answered 414 / 431 and the "
+        "connection is closed.",
+    )
     ohif_dist: Path | None = Field(
         default=None,
         description="Folder of the prebuilt OHIF viewer (npm @ohif/app's dist/), served at "

@@ -155,6 +155,8 @@ def _fhir_rules() -> dict[tuple[str, str], RouteRule]:
         rules[(f"{root}/$bulk-status/{{job_id}}", "GET")] = status
         rules[(f"{root}/$bulk-status/{{job_id}}", "DELETE")] = status
         rules[(f"{root}/$bulk-file/{{job_id}}/{{name}}", "GET")] = export
+        # Patient/$merge writes both patients and re-points everything of the source.
+        rules[(f"{root}/Patient/$merge", "POST")] = RouteRule(Action.FHIR_UPDATE, "path")
     return rules
 
 
@@ -168,6 +170,9 @@ def _rules() -> dict[tuple[str, str], RouteRule]:
         ("/redoc", "GET"): public_docs,
         # health, partitions, change feed
         ("/healthz", "GET"): RouteRule(Action.HEALTH),
+        ("/readyz", "GET"): RouteRule(Action.HEALTH),
+        # counts per route template and partition; public with metrics_public
+        ("/metrics", "GET"): RouteRule(Action.METRICS_READ),
         ("/partitions", "GET"): RouteRule(Action.PARTITION_LIST),
         ("/dicomweb/partitions", "GET"): RouteRule(Action.PARTITION_LIST),
         ("/partitions/{name}", "POST"): RouteRule(Action.PARTITION_CREATE),
@@ -199,6 +204,9 @@ def _rules() -> dict[tuple[str, str], RouteRule]:
         ("/hl7/messages", "GET"): RouteRule(Action.HL7_READ, "query"),
         ("/hl7/messages/{message_id}", "GET"): RouteRule(Action.HL7_READ),
         ("/hl7/messages/{message_id}/raw", "GET"): RouteRule(Action.HL7_READ),
+        # cohort queries: patients and studies by clinical and imaging data (PHI)
+        ("/cohorts", "GET"): RouteRule(Action.DICOM_SEARCH, "query_default"),
+        ("/cohorts", "POST"): RouteRule(Action.DICOM_SEARCH, "query_default"),
         # the OHIF viewer's static files (medlake.web mounts them at /ohif)
         ("/ohif", "GET"): RouteRule(Action.STATIC),
         ("/ohif/{rest:path}", "GET"): RouteRule(Action.STATIC),
@@ -251,6 +259,13 @@ def _match(routes: list[Any], scope: Scope) -> _Matched | None:
         if match == Match.FULL:
             return _Matched(str(route.path), dict(child.get("path_params", {})))
     return None
+
+
+def match_route(routes: list[Any], scope: Scope) -> str | None:
+    """The path template of the route of ``routes`` (see :func:`app_routes`) that will
+    serve ``scope`` (``/dicomweb/studies/{study}``), or ``None`` when none will."""
+    matched = _match(routes, scope)
+    return matched.path if matched else None
 
 
 def _partition(rule: RouteRule, matched: _Matched, query: dict[str, list[str]]) -> str | None:
@@ -319,6 +334,10 @@ class AccessControl:
         self.enabled = archive.settings.auth_enabled
         oidc = OidcConfig.from_settings(archive.settings) if self.enabled else None
         self.verifier = JwtVerifier(oidc) if oidc else None
+        # Actions the settings open to anyone (e.g. a Prometheus without a token).
+        self.public: set[Action] = (
+            {Action.METRICS_READ} if archive.settings.metrics_public else set()
+        )
         self._flat: tuple[int, list[Any]] = (-1, [])
 
     def _routes(self, app: Any) -> list[Any]:
@@ -366,6 +385,8 @@ class AccessControl:
             matched.path_params.get(rule.resource_type_param) if rule.resource_type_param else None
         )
         decision = authorize(principal, rule.action, partition, resource_type=resource_type)
+        if rule.action in self.public:
+            decision = Decision(True, rule.action, partition, "public by the settings")
         if not decision.allowed:
             status = 401 if not decision.authenticated else 403
             await self._refuse(
@@ -503,9 +524,8 @@ class AccessControl:
                     )
                 except MedlakeError as exc:
                     # No audit record, no response: the client learns the request failed.
-                    log.error(
-                        "audit record not written; %s %s refused", scope["method"], scope["path"]
-                    )
+                    # Not the path: it holds UIDs and FHIR resource ids.
+                    log.error("audit record not written; %s request refused", scope["method"])
                     state["swallow"] = True
                     body = orjson.dumps({"status": exc.http_status, "message": exc.message})
                     await send(
@@ -539,6 +559,7 @@ __all__ = [
     "RouteRule",
     "app_routes",
     "decision_of",
+    "match_route",
     "principal_of",
     "rule_for",
 ]

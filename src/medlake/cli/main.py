@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from medlake import __version__
-from medlake.cli import audit_cmd, dimse_cmd, hl7_cmd, ingest_cmd, lifecycle_cmd, token_cmd
+from medlake.cli import (
+    audit_cmd,
+    cohort_cmd,
+    dimse_cmd,
+    hl7_cmd,
+    ingest_cmd,
+    lifecycle_cmd,
+    token_cmd,
+)
+from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.ingest.archive import Archive
@@ -22,6 +30,7 @@ app.add_typer(lifecycle_cmd.app, name="lifecycle")
 ingest_cmd.register(app)  # ingest, watch, batches, batch show|resume, reconcile
 dimse_cmd.register(app)  # dimse, send, retrieve, ae add|list|remove|echo
 hl7_cmd.register(app)  # mllp, hl7 ls|show
+cohort_cmd.register(app)  # cohort, fhir sync-imaging
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(audit_cmd.app, name="audit")
 console = Console()
@@ -77,6 +86,8 @@ def serve(
     """
     import uvicorn
 
+    from medlake.api.http_server import server_config
+    from medlake.api.metrics import metrics_of
     from medlake.web import create_web_app, viewer_path
 
     settings = _settings(
@@ -87,9 +98,7 @@ def serve(
         mllp_port=mllp_port,
         insecure_no_auth=True if insecure_no_auth else None,
     )
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     archive = Archive.open(settings)
     console.print(
         f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
@@ -105,18 +114,12 @@ def serve(
         console.print("[yellow]no OHIF viewer[/]: run scripts/install-ohif.sh (MEDLAKE_OHIF_DIST)")
     token_cmd.announce_access(archive, console)
     scp = dimse_cmd.start_scp(archive, settings)  # pynetdicom's threads, beside uvicorn
+    if scp is not None:
+        metrics_of(web_app).observe_dimse(scp)
     hl7 = hl7_cmd.start_mllp(archive, settings)  # listener and mapper threads, beside uvicorn
     try:
-        uvicorn.run(
-            web_app,
-            host=settings.host,
-            port=settings.http_port,
-            log_level="warning",
-            http="httptools",
-            loop="uvloop",
-            ssl_certfile=settings.tls_cert_file,
-            ssl_keyfile=settings.tls_key_file,
-        )
+        # httptools with medlake's limit on request heads (414 / 431); uvloop when installed
+        uvicorn.Server(server_config(web_app, settings)).run()
     finally:
         if scp is not None:
             scp.stop()

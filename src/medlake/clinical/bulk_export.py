@@ -438,9 +438,9 @@ def _wait_for_writers(archive: Archive, transaction_time: dt.datetime) -> None:
 
 def _present_types(conn: Connection, partition_pk: int) -> list[str]:
     rows = conn.execute(
-        select(fhir_resources.c.resource_type).distinct().where(
-            fhir_resources.c.partition_id == partition_pk
-        )
+        select(fhir_resources.c.resource_type)
+        .distinct()
+        .where(fhir_resources.c.partition_id == partition_pk)
     ).scalars()
     return sorted(rows)
 

@@ -30,9 +30,12 @@ the ``fhir_import_root`` setting. The CLI passes local paths.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
+import multiprocessing
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,6 +49,7 @@ from medlake.clinical.bulk_jobs import (
     JobContext,
     JobFile,
     JobKind,
+    JobStopped,
     create_job,
     find_unfinished_job,
     read_job,
@@ -69,7 +73,7 @@ from medlake.clinical.store import (
     new_logical_id,
     run_write,
 )
-from medlake.errors import FhirError, InvalidInput, MedlakeError, NotFound, PreconditionFailed
+from medlake.errors import InvalidInput, MedlakeError, NotFound, PreconditionFailed
 from medlake.index.schema import fhir_resources, ingest_errors
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (
@@ -309,6 +313,15 @@ class _Line:
     resource: dict[str, Any] | None = None
     error: MedlakeError | None = None
     rule: str = RULE_RESOURCE
+    #: The line as read (NDJSON), until it is checked.
+    raw: bytes | None = None
+    #: The OperationOutcome (JSON) of a line rejected by a checker process.
+    error_text: str | None = None
+
+    @property
+    def rejected(self) -> bool:
+        """Whether the line is rejected."""
+        return self.error is not None or self.error_text is not None
 
 
 def _open(archive: Archive, item: ImportInput) -> BinaryIO:
@@ -321,38 +334,35 @@ def _open(archive: Archive, item: ImportInput) -> BinaryIO:
         raise InvalidInput(f"cannot read the input {item.url}: {exc}") from exc
 
 
-def _checked(line: _Line, expected_type: str | None) -> _Line:
-    """Validate a parsed resource (the error goes into the line)."""
-    resource = line.resource
-    try:
-        check_envelope(resource)
-        assert isinstance(resource, dict)
-        if expected_type is not None and resource["resourceType"] != expected_type:
-            message = f"a {resource['resourceType']} in an input of type {expected_type}"
-            raise InvalidInput(message)
-        validate_resource(resource)
-    except MedlakeError as exc:
-        line.error, line.resource = exc, None
-    return line
+def _check(resource: Any, expected_type: str | None) -> None:
+    """Validate a parsed resource: :class:`MedlakeError` saying what is wrong."""
+    check_envelope(resource)
+    if expected_type is not None and resource["resourceType"] != expected_type:
+        raise InvalidInput(f"a {resource['resourceType']} in an input of type {expected_type}")
+    validate_resource(resource)
 
 
-def _ndjson_lines(handle: BinaryIO, expected_type: str | None, after: int) -> Iterator[_Line]:
-    for number, raw in enumerate(handle, start=1):
-        if number <= after or not raw.strip():
-            continue
-        line = _Line(number, len(raw))
+def verdicts(lines: list[tuple[int, bytes]], expected_type: str | None) -> list[str | None]:
+    """Parse and validate JSON lines: per line None (valid) or the OperationOutcome (JSON)
+    of why not. Runs in a checker process for large inputs."""
+    out: list[str | None] = []
+    for number, raw in lines:
         try:
-            line.resource = parse_json(raw, f"line {number}")
-        except FhirError as exc:
-            line.error = exc
-            yield line
-            continue
-        yield _checked(line, expected_type)
+            _check(parse_json(raw, f"line {number}"), expected_type)
+        except MedlakeError as exc:
+            out.append(_error_text(exc, number))
+        else:
+            out.append(None)
+    return out
 
 
-def _csv_lines(
-    handle: BinaryIO, mapping: CsvMapping, expected_type: str | None, after: int
-) -> Iterator[_Line]:
+def _ndjson_lines(handle: BinaryIO, after: int) -> Iterator[_Line]:
+    for number, raw in enumerate(handle, start=1):
+        if number > after and raw.strip():
+            yield _Line(number, len(raw), raw=raw)
+
+
+def _csv_lines(handle: BinaryIO, mapping: CsvMapping, after: int) -> Iterator[_Line]:
     text = io.TextIOWrapper(handle, encoding=mapping.csv.encoding, newline="")
     for number, mapped in map_rows(mapping, text):
         if number <= after:
@@ -360,7 +370,99 @@ def _csv_lines(
         if isinstance(mapped, RowError):
             yield _Line(number, 0, error=InvalidInput(str(mapped)), rule=RULE_MAPPING)
         else:
-            yield _checked(_Line(number, 0, resource=mapped), expected_type)
+            yield _Line(number, 0, resource=mapped, raw=dump_resource(mapped))
+
+
+def _apply_verdicts(lines: list[_Line], found: list[str | None]) -> list[_Line]:
+    """The lines with their verdicts: resources parsed (NDJSON), errors recorded."""
+    for line, verdict in zip(lines, found, strict=True):
+        if verdict is not None:
+            line.error_text, line.resource = verdict, None
+        elif line.resource is None and line.raw is not None:
+            line.resource = parse_json(line.raw)
+        line.raw = None
+    return lines
+
+
+#: Inputs larger than this are checked (parsed, validated) by a second process while
+#: this one stores: validation costs about as much CPU as the store's own work.
+CHECKER_PROCESS_BYTES = 4 * 1024 * 1024
+
+
+class _Checker:
+    """Checks the lines of chunks, up to two chunks ahead of the one being stored; in a
+    worker process (``spawn``, so it shares nothing with the server's threads) or here."""
+
+    def __init__(self, in_process: bool) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        if not in_process:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, lines: list[_Line], expected_type: str | None) -> Future[list[str | None]]:
+        """Start checking ``lines`` (those already rejected are left as they are)."""
+        items = [
+            (line.number, line.raw) for line in lines if line.raw is not None and not line.rejected
+        ]
+        if self._pool is not None and items:
+            return self._pool.submit(verdicts, items, expected_type)
+        done: Future[list[str | None]] = Future()
+        try:
+            done.set_result(verdicts(items, expected_type))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+    def close(self) -> None:
+        """Stop the worker process."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _checked_chunks(
+    lines: Iterator[_Line], size: int, checker: _Checker, expected_type: str | None
+) -> Iterator[list[_Line]]:
+    """The lines in chunks of ``size``, checked."""
+    ahead: collections.deque[tuple[list[_Line], Future[list[str | None]]]] = collections.deque()
+    pending: list[_Line] = []
+
+    def submit() -> None:
+        nonlocal pending
+        ahead.append((pending, checker.submit(pending, expected_type)))
+        pending = []
+
+    for line in lines:
+        pending.append(line)
+        if len(pending) >= size:
+            submit()
+            if len(ahead) > 2:
+                chunk, future = ahead.popleft()
+                yield _merge(chunk, future.result())
+    if pending:
+        submit()
+    while ahead:
+        chunk, future = ahead.popleft()
+        yield _merge(chunk, future.result())
+
+
+def _merge(chunk: list[_Line], found: list[str | None]) -> list[_Line]:
+    checked = iter(found)
+    for line in chunk:
+        if line.raw is not None and not line.rejected:
+            _apply_verdicts([line], [next(checked)])
+    return chunk
+
+
+def _transactions(chunk: list[_Line]) -> Iterator[_Chunk]:
+    """A checked chunk as transactions: cut where a resource id repeats (the store
+    writes each resource once per transaction)."""
+    current = _Chunk()
+    for line in chunk:
+        if not current.add(line):
+            yield current
+            current = _Chunk()
+            current.add(line)
+    if current.lines:
+        yield current
 
 
 # --- storing chunks ------------------------------------------------------------------------
@@ -473,7 +575,7 @@ def _store_chunk(
         cache: dict[str, str] = {}
         planned: list[tuple[_Line, dict[str, Any]]] = []
         for line in chunk.lines:
-            if line.error is None:
+            if not line.rejected:
                 assert line.resource is not None
                 try:
                     targets = _conditional_targets(line.resource, [])
@@ -488,8 +590,12 @@ def _store_chunk(
         outcomes = _write(session, planned)
         for line in chunk.lines:
             source = f"{item.url} line {line.number}"
-            if line.error is not None:
-                finding = Finding(line.rule, Severity.REJECT, _error_text(line.error, line.number))
+            if line.rejected:
+                text = line.error_text
+                if text is None:
+                    assert line.error is not None
+                    text = _error_text(line.error, line.number)
+                finding = Finding(line.rule, Severity.REJECT, text)
                 records.append(FileRecord(source, FileOutcome.REJECTED, line.size, None, [finding]))
                 counts.rejected += 1
                 continue
@@ -598,31 +704,76 @@ def run_import(context: JobContext) -> None:
         batch_id = batch.id
     else:
         batch_id = job.batch_id
-    chunk_size = archive.settings.fhir_import_chunk
+    try:
+        cursor = _import_inputs(context, request, mapping, batch_id, cursor)
+    except JobStopped:
+        raise  # interrupted, not failed: it resumes, with its batch still open
+    except Exception as exc:
+        # The job fails; its batch closes as failed, with what it committed counted.
+        reason = exc.message if isinstance(exc, MedlakeError) else f"{type(exc).__name__}: {exc}"
+        with archive.engine.begin() as conn:
+            finish_batch(conn, batch_id, differences=[f"the import stopped: {reason}"], extra={})
+        raise
+    _finish(context, request, batch_id, cursor)
+
+
+def _import_inputs(
+    context: JobContext,
+    request: ImportRequest,
+    mapping: CsvMapping | None,
+    batch_id: str,
+    cursor: dict[str, Any],
+) -> dict[str, Any]:
+    """Store every input from the resume point on; returns the final resume point."""
+    chunk_size = context.archive.settings.fhir_import_chunk
+    checker = _Checker(in_process=_input_bytes(context.archive, request) < CHECKER_PROCESS_BYTES)
+    try:
+        return _store_inputs(context, request, mapping, batch_id, cursor, checker, chunk_size)
+    finally:
+        checker.close()
+
+
+def _input_bytes(archive: Archive, request: ImportRequest) -> int:
+    total = 0
+    for item in request.inputs:
+        try:
+            if item.key is not None:
+                total += archive.blobs.size(item.key)
+            elif item.path is not None:
+                total += Path(item.path).stat().st_size
+        except (OSError, MedlakeError):
+            continue  # reported when the input is opened
+    return total
+
+
+def _store_inputs(
+    context: JobContext,
+    request: ImportRequest,
+    mapping: CsvMapping | None,
+    batch_id: str,
+    cursor: dict[str, Any],
+    checker: _Checker,
+    chunk_size: int,
+) -> dict[str, Any]:
     for index in range(int(cursor["input"]), len(request.inputs)):
         item = request.inputs[index]
         after = int(cursor["line"]) if index == cursor["input"] else 0
         cursor = {**cursor, "input": index, "line": after}
         ledger = BatchLedger(batch_id, sources=[])
-        with _open(archive, item) as handle:
+        expected = item.type or (mapping.resource_type if mapping is not None else None)
+        with _open(context.archive, item) as handle:
             lines = (
-                _csv_lines(handle, mapping, item.type or mapping.resource_type, after)
+                _csv_lines(handle, mapping, after)
                 if mapping is not None
-                else _ndjson_lines(handle, item.type, after)
+                else _ndjson_lines(handle, after)
             )
-            chunk = _Chunk()
-            for line in lines:
-                if len(chunk.lines) >= chunk_size or not chunk.add(line):
+            for checked in _checked_chunks(lines, chunk_size, checker, expected):
+                for chunk in _transactions(checked):
                     cursor["line"] = chunk.lines[-1].number
                     _store_chunk(context, ledger, item, chunk, cursor)
-                    chunk = _Chunk()
-                    chunk.add(line)
-            if chunk.lines:
-                cursor["line"] = chunk.lines[-1].number
-                _store_chunk(context, ledger, item, chunk, cursor)
         cursor = {**cursor, "input": index + 1, "line": 0}
         context.checkpoint(cursor=cursor)
-    _finish(context, request, batch_id, cursor)
+    return cursor
 
 
 def _finish(

@@ -32,7 +32,6 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, func, select
 
-from medlake.clinical.hl7.mapping import DICOM_UID, V2_0203
 from medlake.clinical.patient_identity import (
     IMAGING_SOURCE,
     PatientKey,
@@ -79,6 +78,10 @@ ENDPOINT_ID = "dicomweb"
 #: ``sync_cursors`` name of the change-feed follower.
 FEED_CURSOR = "imaging-study-feed"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
+#: Identifier system of DICOM UIDs (values ``urn:oid:…``), R4 ImagingStudy.identifier.
+DICOM_UID = "urn:dicom:uid"
+#: HL7 v2 table 0203, identifier types (``ACSN``: accession number).
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ENDPOINT_CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 #: Change-feed entries read per step.
 _FEED_PAGE = 5000
@@ -113,10 +116,11 @@ class SyncReport:
         self.failed.extend(other.failed)
 
 
-def dicomweb_root(settings: Settings, partition: str) -> str:
+def dicomweb_root(settings: Settings, partition: str, *, base_url: str | None = None) -> str:
     """The DICOMweb base URL of a partition (``…/dicomweb`` or
-    ``…/dicomweb/partitions/{partition}``)."""
-    base = settings.resolved_public_base_url + "/dicomweb"
+    ``…/dicomweb/partitions/{partition}``) under ``base_url`` (default:
+    ``public_base_url``)."""
+    base = (base_url or settings.resolved_public_base_url).rstrip("/") + "/dicomweb"
     return base if partition == DEFAULT_PARTITION else f"{base}/partitions/{partition}"
 
 

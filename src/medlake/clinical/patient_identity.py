@@ -33,7 +33,6 @@ import orjson
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from medlake.clinical.hl7.mapping import AUTHORITY_PREFIX
 from medlake.config import Settings
 from medlake.index.schema import (
     fhir_resource_versions,
@@ -67,6 +66,10 @@ __all__ = [
 IMAGING_SOURCE = "urn:medlake:dicom"
 #: ``sync_cursors`` name of :func:`sync_patient_records`.
 PATIENT_CURSOR = "patient-records"
+#: The system HL7 v2 mapping gives an assigning authority's namespace ID (the value of
+#: ``medlake.clinical.hl7.mapping.AUTHORITY_PREFIX``, not imported so that identity does
+#: not load the MLLP stack).
+AUTHORITY_PREFIX = "urn:medlake:hl7v2:authority:"
 #: PostgreSQL hands out version ids at insert, and transactions commit in any order:
 #: versions younger than this are read again by the next sync, so a transaction that
 #: committed after a younger one is not skipped.

@@ -16,6 +16,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medlake.dicom.attributes import (
     ATTRIBUTES,
+    BY_KEYWORD,
     BY_TAG,
     Level,
     extra_level,
@@ -31,6 +32,15 @@ _REQUIRED = (
     ("SeriesInstanceUID", "series_uid"),
 )
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
+_ESC = b"\x1b"
+#: (column, tag, VR) of every attribute read from the header into the index.
+_READ = tuple(
+    (a.column, a.tag, a.vr)
+    for a in ATTRIBUTES
+    if not a.computed and a.keyword != "AvailableTransferSyntaxUID"
+)
+_TRANSFER_SYNTAX_COLUMN = BY_KEYWORD["AvailableTransferSyntaxUID"].column
+_SAMPLES_PER_PIXEL = 0x00280002
 #: Elements larger than this go to BulkDataURI in metadata instead of inline.
 BULK_DATA_THRESHOLD = 1024
 
@@ -84,8 +94,7 @@ def read_instance(path: Path, head: bytes | None = None) -> ParsedInstance:
                 return parsed
         with path.open("rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
-            ts = _transfer_syntax(ds)
-            return _describe(ds, ts, _index_frames(fh, ds, ts, size))
+            return _with_frames(_describe(ds, _transfer_syntax(ds)), fh, size)
     except InvalidDicomError as exc:
         raise InvalidDicom(f"not a DICOM Part 10 file: {exc}") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -103,26 +112,29 @@ def _read_from_head(path: Path, head: bytes, size: int) -> ParsedInstance | None
     position = buffer.tell()
     if len(head) < size and position + 12 > len(head):
         return None
-    ts = _transfer_syntax(ds)
+    parsed = _describe(ds, _transfer_syntax(ds))
     undefined_length = b"\xff\xff\xff\xff" in head[position + 4 : position + 12]
     if len(head) < size and undefined_length:  # encapsulated: fragments lie beyond the head
         with path.open("rb") as fh:
             fh.seek(position)
-            return _describe(ds, ts, _index_frames(fh, ds, ts, size))
-    return _describe(ds, ts, _index_frames(buffer, ds, ts, size))
+            return _with_frames(parsed, fh, size)
+    return _with_frames(parsed, buffer, size)
 
 
-def _index_frames(fh: BinaryIO, ds: Dataset, ts: UID, size: int) -> FrameIndex | None:
+def _with_frames(parsed: ParsedInstance, fh: BinaryIO, size: int) -> ParsedInstance:
+    """``parsed`` with the frames of the Pixel Data at the position of ``fh`` located."""
+    ts = UID(parsed.transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian:
-        return None
-    return index_pixel_data(
+        return parsed
+    parsed.frame_index = index_pixel_data(
         fh,
         implicit_vr=ts.is_implicit_VR,
         little_endian=ts.is_little_endian,
-        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
-        frame_size=_frame_size(ds),
+        number_of_frames=_int(parsed.values.get("number_of_frames")) or 1,
+        frame_size=_frame_size(parsed, ts),
         file_size=size,
     )
+    return parsed
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -133,12 +145,14 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return UID(str(ts))
 
 
-def _frame_size(ds: Dataset) -> int | None:
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    bits = _int(ds.get("BitsAllocated"))
-    if not (rows and cols and bits):
+def _frame_size(parsed: ParsedInstance, ts: UID) -> int | None:
+    values = parsed.values
+    rows, cols = _int(values.get("rows")), _int(values.get("columns"))
+    bits = _int(values.get("bits_allocated"))
+    if not (rows and cols and bits) or parsed.dataset is None:
         return None
-    return native_frame_size(rows, cols, _int(ds.get("SamplesPerPixel")) or 1, bits)
+    samples = _attribute_value(parsed.dataset, _SAMPLES_PER_PIXEL, "US", ts.is_little_endian)
+    return native_frame_size(rows, cols, _int(samples) or 1, bits)
 
 
 def _int(value: Any) -> int | None:
@@ -148,23 +162,20 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _describe(ds: Dataset, ts: UID, frame_index: FrameIndex | None) -> ParsedInstance:
-    values: dict[str, Any] = {}
+def _describe(ds: Dataset, ts: UID) -> ParsedInstance:
+    """The index values and extra attributes of ``ds`` (frames not located yet)."""
     little_endian = ts.is_little_endian
-    for attr in ATTRIBUTES:
-        if attr.computed:
-            continue
-        if attr.keyword == "AvailableTransferSyntaxUID":
-            values[attr.column] = str(ts)
-            continue
-        values[attr.column] = _attribute_value(ds, attr.tag, attr.vr, little_endian)
+    values: dict[str, Any] = {
+        column: _attribute_value(ds, tag, vr, little_endian) for column, tag, vr in _READ
+    }
+    values[_TRANSFER_SYNTAX_COLUMN] = str(ts)
     for keyword, column in _REQUIRED:
         uid = values.get(column)
         if not uid:
             raise MissingAttribute(f"required attribute {keyword} is missing or empty")
         if not is_uid(uid):
             raise MissingAttribute(f"{keyword} {uid!r} is not a valid DICOM UID")
-    parsed = ParsedInstance(ds, str(ts), frame_index, values)
+    parsed = ParsedInstance(ds, str(ts), None, values)
     # Only the wanted tags are converted from their raw form (iterating ``ds`` would
     # convert every element, nested sequences included: 4x the parse time).
     for tag in list(ds.keys()):
@@ -189,9 +200,15 @@ def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any
         return None
     value = getattr(raw, "value", None)
     if isinstance(value, bytes) and getattr(raw, "VR", vr) in (vr, None):
-        if vr in _TEXT_VRS and value.isascii():
+        # ESC starts an ISO 2022 code extension (7-bit Japanese, Korean…): such ASCII bytes
+        # are not ASCII text, so pydicom decodes them with the character set.
+        if vr in _TEXT_VRS and value.isascii() and _ESC not in value:
             text = value.decode("ascii").strip(" \x00")
             return _column_value(text.split("\\") if "\\" in text else text, vr)
+        if vr == "PN" and value.isascii() and _ESC not in value:
+            # As pydicom reads a PN: trailing padding and empty trailing groups dropped.
+            names = [n.rstrip("=") for n in value.decode("ascii").rstrip(" \x00").split("\\")]
+            return _column_value(names if len(names) > 1 else names[0], vr)
         if vr == "US" and len(value) >= 2:
             return int.from_bytes(value[:2], "little" if little_endian else "big")
     element = ds.get(tag)

@@ -139,6 +139,15 @@ class DimseServer:
         log.info("DIMSE SCP %s listening on %s:%s", self.ae_title, self.host, self.port)
         return self
 
+    def bind(self, event: Any, handler: Any) -> None:
+        """Also call ``handler`` on the pynetdicom notification ``event`` (e.g.
+        ``evt.EVT_ESTABLISHED``) of every association from now on; the server must be
+        started. Observers use it (metrics); medlake's own handlers are set in
+        :meth:`start`."""
+        if self._server is None:
+            raise NetworkError("the DIMSE server is not started")
+        self._server.bind(event, handler)
+
     def stop(self) -> None:
         """Stop listening, abort open associations and close their batches."""
         server, self._server = self._server, None

@@ -23,6 +23,7 @@ class Action(enum.StrEnum):
     HEALTH = "system.health"
     DOCS = "system.docs"
     STATIC = "system.static"
+    METRICS_READ = "system.metrics"
     PARTITION_LIST = "partition.list"
     PARTITION_CREATE = "partition.create"
     DICOM_SEARCH = "dicom.search"
@@ -103,7 +104,7 @@ ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
     },
     Role.READER: _ALWAYS | _READ_PHI | {Action.FHIR_EXPORT, Action.FHIR_BULK_STATUS},
     Role.RESEARCHER: _ALWAYS | {Action.DEID_READ},
-    Role.AUDITOR: _ALWAYS | {Action.AUDIT_READ, Action.BATCH_READ},
+    Role.AUDITOR: _ALWAYS | {Action.AUDIT_READ, Action.BATCH_READ, Action.METRICS_READ},
 }
 
 

@@ -40,10 +40,7 @@ from medlake.ingest.archive import Archive
 log = logging.getLogger(__name__)
 
 _BATCH = 50
-#: While messages are arriving, the mapper works at most this share of the time (and
-#: sleeps the rest), so its write transactions and CPU leave the acknowledgement path
-#: nearly alone; when the feed pauses for a second it maps at full speed.
-SHARE_WHILE_RECEIVING = 0.2
+#: Messages arrived this recently: the mapper gives way (``hl7_mapping_share``).
 _RECEIVING_WINDOW = 1.0
 _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
 
@@ -166,9 +163,12 @@ class Hl7Mapper:
         return done
 
     def _give_way(self, spent: float) -> None:
-        receiver = self._receiver
-        if receiver is not None and receiver.idle_seconds() < _RECEIVING_WINDOW:
-            self._stop.wait(spent * (1 - SHARE_WHILE_RECEIVING) / SHARE_WHILE_RECEIVING)
+        # While messages arrive, work at most ``share`` of the time: the mapper's write
+        # transactions (SQLite has one writer) and its CPU (the GIL) would otherwise hold
+        # up the acknowledgements.
+        receiver, share = self._receiver, self.archive.settings.hl7_mapping_share
+        if receiver is not None and share < 1.0 and receiver.idle_seconds() < _RECEIVING_WINDOW:
+            self._stop.wait(spent * (1 - share) / share)
 
     def _run(self) -> None:
         while not self._stop.is_set():

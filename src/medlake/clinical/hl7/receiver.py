@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from medlake.clinical.hl7 import records
 from medlake.clinical.hl7.ack import build_ack
@@ -89,12 +89,21 @@ class GroupCommit:
             raise request.error
         return request.stored
 
+    def _connect(self, count: int) -> Connection:
+        """A connection for ``count`` inserts: one insert runs in autocommit (durable
+        when it returns, without the round trips of BEGIN and COMMIT), several in one
+        transaction."""
+        conn = self._engine.connect()
+        if count == 1:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
+
     def _write(self, taken: list[_Request]) -> None:
+        batch = [record for request in taken for record in request.records]
         try:
-            with self._write_lock or nullcontext(), self._engine.begin() as conn:
-                stored = records.insert_messages(
-                    conn, [record for request in taken for record in request.records]
-                )
+            with self._write_lock or nullcontext(), self._connect(len(batch)) as conn:
+                stored = records.insert_messages(conn, batch)
+                conn.commit()
         except Exception as exc:  # every waiting sender must hear of it
             for request in taken:
                 request.error = exc

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, String, bindparam, func, insert, select, update
+from sqlalchemy import Connection, String, bindparam, case, func, insert, select, update
 
 from medlake.clinical.hl7.message import codec_for
 from medlake.errors import InvalidInput, NotFound
@@ -108,56 +108,71 @@ class Stored:
     duplicate_of: int | None
 
 
-#: Statements built once: the acknowledgement path runs them for every message.
-_INSERT = insert(hl7_messages)
-_FIRST_ACCEPTED = (
+#: Columns a new row's values fill (``duplicate_of`` and ``status`` are decided apart).
+_FILLED = [
+    c.name
+    for c in hl7_messages.c
+    if c.name not in ("id", "duplicate_of", "status", "resource_refs", "mapped_at")
+]
+#: The first accepted message with the record's sender and MSH-10 (an empty MSH-3 /
+#: MSH-4 is stored as NULL: IS NOT DISTINCT FROM lets NULL match NULL).
+_ORIGINAL = (
     select(T.id)
     .where(
-        T.control_id == bindparam("control_id"),
-        # an empty MSH-3 / MSH-4 is stored as NULL: NULL matches NULL here
-        T.sending_application.is_not_distinct_from(bindparam("application", type_=String)),
-        T.sending_facility.is_not_distinct_from(bindparam("facility", type_=String)),
-        T.partition == bindparam("partition"),
+        T.control_id == bindparam("p_control_id"),
+        T.sending_application.is_not_distinct_from(
+            bindparam("p_sending_application", type_=String)
+        ),
+        T.sending_facility.is_not_distinct_from(bindparam("p_sending_facility", type_=String)),
+        T.partition == bindparam("p_partition"),
         T.ack_code == "AA",
         T.duplicate_of.is_(None),
     )
     .order_by(T.id)
     .limit(1)
+    .scalar_subquery()
+)
+#: Statements built once (the acknowledgement path runs one per message). An accepted
+#: message finds its original in the same statement, so storing it is one round trip.
+_INSERT = (
+    insert(hl7_messages)
+    .values({name: bindparam(f"p_{name}") for name in [*_FILLED, "status", "duplicate_of"]})
+    .returning(T.id)
+)
+_INSERT_ACCEPTED = (
+    insert(hl7_messages)
+    .values(
+        {
+            **{name: bindparam(f"p_{name}") for name in _FILLED},
+            "duplicate_of": _ORIGINAL,
+            "status": case((_ORIGINAL.is_(None), bindparam("p_status")), else_=DUPLICATE),
+        }
+    )
+    .returning(T.id, T.duplicate_of)
 )
 
 
 def insert_messages(conn: Connection, records: Sequence[MessageRecord]) -> list[Stored]:
-    """Insert ``records`` in order (the caller commits), marking duplicates."""
+    """Insert ``records`` in order (the caller commits, or runs in autocommit for a
+    single record: each insert is one statement), marking duplicates."""
     first_of: dict[tuple[str, str | None, str | None, str], int] = {}
     out: list[Stored] = []
     for record in records:
         key = record.duplicate_key
-        original = None
-        if key is not None:
-            original = first_of.get(key) or _first_accepted(conn, key)
-        values = record.values()
-        values.update(duplicate_of=original, resource_refs=None, mapped_at=None)
-        if original is not None:
-            values["status"] = DUPLICATE
-        inserted = conn.execute(_INSERT, values).inserted_primary_key
-        assert inserted is not None
-        new_id = int(inserted[0])
-        if key is not None and original is None:
-            first_of[key] = new_id
-        out.append(Stored(new_id, original))
+        values = {f"p_{name}": value for name, value in record.values().items()}
+        if key is not None and key in first_of:  # a re-send within the same commit
+            values.update(p_status=DUPLICATE, p_duplicate_of=first_of[key])
+            stored = Stored(conn.execute(_INSERT, values).scalar_one(), first_of[key])
+        elif key is not None:
+            row = conn.execute(_INSERT_ACCEPTED, values).one()
+            stored = Stored(row.id, row.duplicate_of)
+            if stored.duplicate_of is None:
+                first_of[key] = stored.id
+        else:
+            values["p_duplicate_of"] = None
+            stored = Stored(conn.execute(_INSERT, values).scalar_one(), None)
+        out.append(stored)
     return out
-
-
-def _first_accepted(conn: Connection, key: tuple[str, str | None, str | None, str]) -> int | None:
-    partition, application, facility, control_id = key
-    parameters = {
-        "control_id": control_id,
-        "application": application,
-        "facility": facility,
-        "partition": partition,
-    }
-    found = conn.execute(_FIRST_ACCEPTED, parameters).scalar()
-    return None if found is None else int(found)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Where log lines go: the one place that configures logging (the CLI's commands call it).
+
+``log_format = "text"`` writes one readable line per record, for a terminal;
+``"json"`` one JSON object per line (python-json-logger) with ``timestamp`` (UTC, ISO
+8601), ``level``, ``logger``, ``message``, ``request_id`` and any extra fields of the
+record (the access log's ``http_method``, ``route``, ``status``, ``duration_ms``,
+``principal``), plus ``exc_info`` with the traceback. Records emitted while an HTTP
+request is handled carry its id (:class:`medlake.api.request_log.RequestIdFilter`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from medlake.api.request_log import RequestIdFilter
+from medlake.config import Settings
+
+LogFormat = Literal["text", "json"]
+
+
+class _TextFormatter(logging.Formatter):
+    """``time LEVEL logger [request id]: message``; the id only inside a request."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line (plus its traceback, if any)."""
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+def log_formatter(log_format: LogFormat) -> logging.Formatter:
+    """The formatter of ``log_format`` (``text`` or ``json``)."""
+    if log_format == "json":
+        return JsonFormatter(
+            "{levelname}{name}{message}{request_id}",
+            style="{",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp=True,
+        )
+    return _TextFormatter()
+
+
+def log_handler(log_format: LogFormat, stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing to ``stream`` (stderr) in ``log_format``, with request ids."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(log_formatter(log_format))
+    return handler
+
+
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
+    """Send every log record at ``log_level`` or above to stderr in ``log_format``
+    (replacing handlers configured before)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        handlers=[log_handler(settings.log_format, stream)],
+        force=True,
+    )
+
+
+__all__ = ["LogFormat", "configure_logging", "log_formatter", "log_handler"]

@@ -1,0 +1,711 @@
+"""Cohort queries: patients, studies or series found by clinical and imaging criteria
+together, in one SQL query that runs on SQLite and PostgreSQL.
+
+A :class:`~medlake.clinical.cohort_model.CohortQuery` is evaluated for each *study*
+(with its patient key, ``study_patients``) when any criterion depends on a study
+(imaging criteria, ``within``, age at the study), and for each *patient key*
+otherwise, so patients without images can be found too. Criteria become SQL:
+
+- clinical criteria: the patient key is ``IN`` the keys of the FHIR resources that
+  match (``fhir_search_values`` rows, the same FHIR search semantics as the REST API
+  through :class:`~medlake.clinical._search_sql.CriteriaBuilder`), reached through
+  each resource's patient reference and ``patient_records``; a ``within`` window adds
+  an ``EXISTS`` correlated with the study's date;
+- demographics: the same over the patient's own Patient resources;
+- study / series criteria: columns of ``studies`` and ``series``, ``instances`` for the
+  SOP Class.
+
+Counts come from a second query over the same conditions. :func:`find_cohort` is the
+Python API; ``POST /cohorts`` and ``medlake cohort`` call it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    FromClause,
+    Select,
+    and_,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+
+from medlake.clinical._search_sql import CriteriaBuilder
+from medlake.clinical._search_values import date_range, split_escaped, unescape
+from medlake.clinical.cohort_model import (
+    AllOf,
+    AnyOf,
+    ClinicalCriterion,
+    CohortQuery,
+    Comparator,
+    Criterion,
+    DateBounds,
+    InvalidCohortQuery,
+    Not,
+    PatientCriterion,
+    SeriesCriterion,
+    StudyCriterion,
+    parse_cohort_query,
+)
+from medlake.clinical.imaging_study import dicomweb_root
+from medlake.clinical.search_params import parameters_of
+from medlake.errors import InvalidInput, NotFound
+from medlake.index.schema import (
+    fhir_resources,
+    fhir_search_values,
+    instances,
+    patient_identifiers,
+    patient_records,
+    patients,
+    series,
+    studies,
+    study_patients,
+)
+from medlake.index.writes import partition_id
+from medlake.ingest.archive import Archive
+from medlake.types import DEFAULT_PARTITION
+
+__all__ = ["CohortCounts", "CohortResult", "find_cohort"]
+
+Clause = ColumnElement[bool]
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortCounts:
+    """How many patients, studies, series and instances the whole cohort holds."""
+
+    patients: int
+    studies: int
+    series: int
+    instances: int
+
+
+#: Columns holding lists (JSON arrays, Parquet lists, ``;``-joined in CSV).
+_LISTS = frozenset({"identifiers", "modalities"})
+_INTEGERS = frozenset({"patient_key", "studies", "series_count", "instance_count", "series_number"})
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """The rows of one page of a cohort (all rows when no limit was asked), with the
+    counts of the whole cohort."""
+
+    level: str
+    fields: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    counts: CohortCounts
+    offset: int = 0
+    limit: int | None = None
+
+    @property
+    def total(self) -> int:
+        """Rows of the whole cohort at its level."""
+        return {
+            "patients": self.counts.patients,
+            "studies": self.counts.studies,
+            "series": self.counts.series,
+        }[self.level]
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as a JSON object (``rows`` of field -> value, dates as ISO text)."""
+        rows = [
+            {k: v.isoformat() if isinstance(v, dt.date) else v for k, v in row.items()}
+            for row in self.rows
+        ]
+        return {
+            "level": self.level,
+            "counts": {
+                "patients": self.counts.patients,
+                "studies": self.counts.studies,
+                "series": self.counts.series,
+                "instances": self.counts.instances,
+            },
+            "total": self.total,
+            "offset": self.offset,
+            "limit": self.limit,
+            "fields": list(self.fields),
+            "rows": rows,
+        }
+
+    def to_csv(self) -> bytes:
+        """The rows as CSV (UTF-8, header line, lists joined with ``;``)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.fields)
+        for row in self.rows:
+            writer.writerow([_csv_value(row[f]) for f in self.fields])
+        return out.getvalue().encode()
+
+    def to_arrow(self) -> Any:
+        """The rows as a ``pyarrow.Table`` (typed columns: integers, dates, lists)."""
+        # Imported here: only the Arrow outputs pay for loading pyarrow.
+        import pyarrow as pa
+
+        arrays = []
+        for name in self.fields:
+            values = [row[name] for row in self.rows]
+            if name in _INTEGERS:
+                kind: Any = pa.int64()
+            elif name == "study_date":
+                kind = pa.date32()
+            elif name in _LISTS:
+                kind = pa.list_(pa.string())
+            else:
+                kind = pa.string()
+            arrays.append(pa.array(values, type=kind))
+        return pa.Table.from_arrays(arrays, names=list(self.fields))
+
+    def to_parquet(self) -> bytes:
+        """The rows as a Parquet file."""
+        import pyarrow.parquet as pq
+
+        sink = io.BytesIO()
+        pq.write_table(self.to_arrow(), sink)
+        return sink.getvalue()
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+# --- dates moved in SQL ------------------------------------------------------------------------
+
+
+class _ShiftedDay(FunctionElement[dt.datetime]):
+    """A TIMESTAMP column moved by whole years and days (cohort time windows)."""
+
+    type = DateTime(timezone=True)
+    name = "shifted_day"
+    inherit_cache = True
+
+
+@compiles(_ShiftedDay, "sqlite")
+def _shift_sqlite(element: _ShiftedDay, compiler: SQLCompiler, **kw: Any) -> str:
+    column, years, days = (compiler.process(c, **kw) for c in element.clauses)
+    # SQLAlchemy stores SQLite times as 'YYYY-MM-DD HH:MM:SS.ffffff'; strftime gives
+    # milliseconds, so three zeros make the text compare like the stored values.
+    return (
+        f"(strftime('%Y-%m-%d %H:%M:%f', {column}, printf('%+d years', {years}), "
+        f"printf('%+d days', {days})) || '000')"
+    )
+
+
+@compiles(_ShiftedDay, "postgresql")
+def _shift_postgresql(element: _ShiftedDay, compiler: SQLCompiler, **kw: Any) -> str:
+    column, years, days = (compiler.process(c, **kw) for c in element.clauses)
+    return f"({column} + make_interval(years => {years}, days => {days}))"
+
+
+def _shifted(column: ColumnElement[Any], *, years: int = 0, days: int = 0) -> ColumnElement[Any]:
+    return _ShiftedDay(column, literal(years), literal(days))
+
+
+# --- compiling the criteria ---------------------------------------------------------------
+
+
+@dataclass
+class _Scope:
+    """What the criteria are evaluated against."""
+
+    partition_pk: int
+    builder: CriteriaBuilder
+    #: The patient key of the row (``study_patients.patient_id`` or ``patients.id``).
+    patient: ColumnElement[Any]
+    #: The study row and its date (None when evaluated per patient).
+    study: FromClause | None
+    study_day: ColumnElement[Any] | None
+    #: The series row (level ``series`` only).
+    series: FromClause | None
+    today: dt.date
+
+
+def _compile(criterion: Criterion, scope: _Scope) -> Clause:
+    if isinstance(criterion, AllOf):
+        return and_(*(_compile(item, scope) for item in criterion.items))
+    if isinstance(criterion, AnyOf):
+        return or_(*(_compile(item, scope) for item in criterion.items))
+    if isinstance(criterion, Not):
+        return not_(_compile(criterion.item, scope))
+    if isinstance(criterion, ClinicalCriterion):
+        return _clinical(criterion, scope)
+    if isinstance(criterion, PatientCriterion):
+        return _patient(criterion, scope)
+    if isinstance(criterion, StudyCriterion):
+        return _study(criterion, scope)
+    return _series(criterion, scope)
+
+
+def _search(
+    scope: _Scope, path: str, resource: FromClause, kind: str, key: str, value: str
+) -> Clause:
+    """One FHIR search criterion on ``resource`` (REST search semantics)."""
+    try:
+        clause = scope.builder.criterion(resource, kind, key, value)
+    except InvalidInput as exc:
+        raise InvalidCohortQuery(f"{path}: {exc.message}") from exc
+    assert clause is not None  # strict: an unknown parameter raised
+    return clause
+
+
+def _code_of(token: str) -> str:
+    """The code part of a ``system|code`` token (what the index stores in token_code)."""
+    return unescape(split_escaped(token, "|")[-1])
+
+
+def _reference_param(resource_type: str) -> str:
+    return "patient" if "patient" in parameters_of(resource_type) else "subject"
+
+
+def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
+    kind = c.resource
+    r = fhir_resources.alias()
+    subject = fhir_search_values.alias()
+    record = patient_records.alias()
+    conditions: list[Clause] = [
+        r.c.partition_id == scope.partition_pk,
+        r.c.resource_type == kind,
+        r.c.deleted.is_(False),
+    ]
+    if c.codes:
+        codes = [_code_of(token) for token in c.codes]
+        if all(codes):
+            # Drives the query from the code's index entries instead of every resource
+            # of the type; the search criterion below keeps the exact token semantics.
+            hint = fhir_search_values.alias()
+            conditions.append(
+                r.c.id.in_(
+                    select(hint.c.resource_id).where(
+                        hint.c.resource_type == kind,
+                        hint.c.param == "code",
+                        hint.c.token_code.in_(codes),
+                    )
+                )
+            )
+        conditions.append(_search(scope, f"{c.path}.code", r, kind, "code", ",".join(c.codes)))
+    for op, number in c.value:
+        value = f"{op}{number}"
+        if c.unit or c.unit_system:
+            value += f"|{_escape(c.unit_system or '')}|{_escape(c.unit or '')}"
+        conditions.append(_search(scope, f"{c.path}.value", r, kind, "value-quantity", value))
+    if c.date is not None:
+        assert c.date_param is not None
+        for op, text in c.date.comparisons:
+            conditions.append(_search(scope, f"{c.path}.date", r, kind, c.date_param, op + text))
+    for key, value in c.search:
+        conditions.append(_search(scope, f"{c.path}.search", r, kind, key, value))
+    joined = r.join(
+        subject,
+        and_(
+            subject.c.resource_id == r.c.id,
+            subject.c.resource_type == kind,
+            subject.c.param == _reference_param(kind),
+            subject.c.ref_type == "Patient",
+        ),
+    ).join(
+        record,
+        and_(record.c.partition_id == scope.partition_pk, record.c.fhir_id == subject.c.ref_id),
+    )
+    matching = scope.patient.in_(select(record.c.patient_id).select_from(joined).where(*conditions))
+    if c.within is None:
+        return matching
+    if scope.study_day is None:
+        raise InvalidCohortQuery(f"{c.path}.within: needs a study")
+    low_days, high_days = {
+        "before": (-c.within.days, 1),
+        "after": (0, c.within.days + 1),
+        "around": (-c.within.days, c.within.days + 1),
+    }[c.within.relation]
+    when = fhir_search_values.alias()
+    in_window = exists(
+        select(literal(1)).where(
+            when.c.resource_id == r.c.id,
+            when.c.param == c.date_param,
+            when.c.date_low >= _shifted(scope.study_day, days=low_days),
+            when.c.date_low < _shifted(scope.study_day, days=high_days),
+        ).correlate_except(when)  # the study's row is two queries out: name it correlated
+    )
+    near_study = exists(
+        select(literal(1))
+        .select_from(joined)
+        .where(record.c.patient_id == scope.patient, *conditions, in_window)
+    )
+    # The uncorrelated IN narrows the rows first; the EXISTS checks the window per study.
+    return and_(matching, near_study)
+
+
+def _escape(text: str) -> str:
+    for char in ("\\", ",", "$", "|"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _minus_years(day: dt.date, years: int) -> dt.date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # 29 February in a year without one
+        return day.replace(year=day.year - years, day=28)
+
+
+def _patient(c: PatientCriterion, scope: _Scope) -> Clause:
+    record = patient_records.alias()
+    person = fhir_resources.alias()
+    joined = record.join(
+        person,
+        and_(
+            person.c.partition_id == scope.partition_pk,
+            person.c.resource_type == "Patient",
+            person.c.logical_id == record.c.fhir_id,
+            person.c.deleted.is_(False),
+        ),
+    )
+    conditions: list[Clause] = [record.c.partition_id == scope.partition_pk]
+    if c.genders:
+        gender = _search(
+            scope, f"{c.path}.gender", person, "Patient", "gender", ",".join(c.genders)
+        )
+        conditions.append(gender)
+    if c.birthdate is not None:
+        for op, text in c.birthdate.comparisons:
+            where = f"{c.path}.birthdate"
+            conditions.append(_search(scope, where, person, "Patient", "birthdate", op + text))
+    at_study: list[Clause] = []
+    born = fhir_search_values.alias()
+    for op, years in c.age:
+        # age >= n: born on or before the day n years back; age <= n: after the day n+1 back.
+        oldest = {"ge": years, "gt": years + 1, "le": None, "lt": None}[op]
+        youngest = {"le": years + 1, "lt": years, "ge": None, "gt": None}[op]
+        if youngest == 0:
+            return false()
+        if c.age_at == "today":
+            if oldest is not None:
+                day = _minus_years(scope.today, oldest).isoformat()
+                conditions.append(
+                    _search(scope, c.path, person, "Patient", "birthdate", f"le{day}")
+                )
+            if youngest is not None:
+                day = _minus_years(scope.today, youngest).isoformat()
+                conditions.append(
+                    _search(scope, c.path, person, "Patient", "birthdate", f"gt{day}")
+                )
+            continue
+        if scope.study_day is None:
+            raise InvalidCohortQuery(f"{c.path}.age.at: needs a study")
+        if oldest is not None:
+            at_study.append(born.c.date_low <= _shifted(scope.study_day, years=-oldest))
+        if youngest is not None:
+            at_study.append(born.c.date_low > _shifted(scope.study_day, years=-youngest))
+    keys = select(record.c.patient_id).select_from(joined).where(*conditions)
+    clause = scope.patient.in_(keys)
+    if not at_study:
+        return clause
+    aged = exists(
+        select(literal(1))
+        .select_from(joined.join(born, and_(born.c.resource_id == person.c.id,
+                                            born.c.param == "birthdate")))
+        .where(record.c.patient_id == scope.patient, *conditions, *at_study)
+    )  # fmt: skip
+    return and_(clause, aged)
+
+
+def _dicom_day(text: str, path: str) -> tuple[str, str]:
+    """The first day of a FHIR date and the day after its end, as DICOM DA text."""
+    bounds = date_range(text)
+    if bounds is None:  # parse_cohort_query checked it
+        raise InvalidCohortQuery(f"{path}: {text!r} is not a FHIR date")
+    start, end = bounds
+    last = end - dt.timedelta(microseconds=1)
+    return start.strftime("%Y%m%d"), (last.date() + dt.timedelta(days=1)).strftime("%Y%m%d")
+
+
+def _day_clause(column: ColumnElement[Any], bounds: DateBounds, path: str) -> Clause:
+    clauses: list[Clause] = []
+    for op, text in bounds.comparisons:
+        first, after = _dicom_day(text, path)
+        within = and_(column >= first, column < after)
+        compare: dict[Comparator, Clause] = {
+            "eq": within,
+            "ne": not_(within),
+            "gt": column >= after,
+            "ge": column >= first,
+            "lt": column < first,
+            "le": column < after,
+        }
+        clauses.append(compare[op])
+    return and_(*clauses)
+
+
+def _contains(column: ColumnElement[Any], text: str) -> Clause:
+    pattern = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return func.lower(column).like(f"%{pattern}%", escape="\\")
+
+
+def _study(c: StudyCriterion, scope: _Scope) -> Clause:
+    st = scope.study
+    if st is None:
+        raise InvalidCohortQuery(f"{c.path}: needs a study")
+    conditions: list[Clause] = []
+    if c.date is not None:
+        conditions.append(_day_clause(st.c.study_date, c.date, f"{c.path}.date"))
+    if c.description is not None:
+        conditions.append(_contains(st.c.study_description, c.description))
+    if c.modalities:
+        conditions.append(
+            st.c.id.in_(
+                select(series.c.study_id).where(
+                    series.c.partition_id == scope.partition_pk,
+                    series.c.modality.in_(c.modalities),
+                )
+            )
+        )
+    if c.accession_numbers:
+        conditions.append(st.c.accession_number.in_(c.accession_numbers))
+    if c.study_uids:
+        conditions.append(st.c.study_uid.in_(c.study_uids))
+    return and_(*conditions)
+
+
+def _series_conditions(c: SeriesCriterion, one: FromClause) -> list[Clause]:
+    conditions: list[Clause] = []
+    if c.modalities:
+        conditions.append(one.c.modality.in_(c.modalities))
+    if c.body_parts:
+        conditions.append(func.upper(one.c.body_part_examined).in_(c.body_parts))
+    if c.description is not None:
+        conditions.append(_contains(one.c.series_description, c.description))
+    if c.sop_classes:
+        conditions.append(
+            exists(
+                select(literal(1)).where(
+                    instances.c.series_id == one.c.id,
+                    instances.c.sop_class_uid.in_(c.sop_classes),
+                )
+            )
+        )
+    return conditions
+
+
+def _series(c: SeriesCriterion, scope: _Scope) -> Clause:
+    if scope.series is not None:
+        return and_(*_series_conditions(c, scope.series))
+    if scope.study is None:
+        raise InvalidCohortQuery(f"{c.path}: needs a study")
+    one = series.alias()
+    return scope.study.c.id.in_(
+        select(one.c.study_id).where(
+            one.c.partition_id == scope.partition_pk, *_series_conditions(c, one)
+        )
+    )
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def _dicom_date(value: str | None) -> dt.date | None:
+    if not value or len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+def find_cohort(
+    archive: Archive,
+    query: CohortQuery | dict[str, Any] | str | bytes,
+    *,
+    partition: str | None = None,
+    base_url: str | None = None,
+) -> CohortResult:
+    """Run a cohort query (a :class:`CohortQuery`, or its JSON) and return its rows and
+    counts.
+
+    ``partition`` is used when the query names none (default ``default``);
+    ``base_url`` is the root URL for the DICOMweb URLs of the rows (default
+    ``public_base_url``). 400 for an invalid query, 404 for an unknown partition.
+    """
+    parsed = query if isinstance(query, CohortQuery) else parse_cohort_query(query)
+    name = parsed.partition or partition or DEFAULT_PARTITION
+    root = dicomweb_root(archive.settings, name, base_url=base_url)
+    with archive.engine.connect() as conn:
+        partition_pk = partition_id(conn, name, create=False)
+        if partition_pk is None:
+            raise NotFound(f"partition {name!r} does not exist")
+        builder = CriteriaBuilder(partition_pk, "", strict=True)
+        if parsed.level == "patients" and not parsed.needs_study:
+            return _by_patient(conn, parsed, partition_pk, builder)
+        return _by_study(conn, parsed, partition_pk, builder, root)
+
+
+def _page(statement: Select[Any], query: CohortQuery) -> Select[Any]:
+    if query.offset:
+        statement = statement.offset(query.offset)
+    if query.limit is not None:
+        statement = statement.limit(query.limit)
+    return statement
+
+
+def _by_study(
+    conn: Connection, query: CohortQuery, partition_pk: int, builder: CriteriaBuilder, root: str
+) -> CohortResult:
+    st, sp, p = studies, study_patients, patients
+    joined = st.join(sp, sp.c.study_id == st.c.id).join(p, p.c.id == sp.c.patient_id)
+    se = series.alias() if query.level == "series" else None
+    if se is not None:
+        joined = joined.join(se, se.c.study_id == st.c.id)
+    scope = _Scope(partition_pk, builder, sp.c.patient_id, st, sp.c.study_date, se,
+                   dt.datetime.now(dt.UTC).date())  # fmt: skip
+    where = [st.c.partition_id == partition_pk]
+    if query.where is not None:
+        where.append(_compile(query.where, scope))
+    if se is not None:
+        totals = select(
+            func.count(func.distinct(sp.c.patient_id)),
+            func.count(func.distinct(st.c.id)),
+            func.count(),
+            func.coalesce(func.sum(se.c.num_instances), 0),
+        )
+    else:
+        totals = select(
+            func.count(func.distinct(sp.c.patient_id)),
+            func.count(),
+            func.coalesce(func.sum(st.c.num_series), 0),
+            func.coalesce(func.sum(st.c.num_instances), 0),
+        )
+    figures = conn.execute(totals.select_from(joined).where(*where)).one()
+    counts = CohortCounts(*(int(v) for v in figures))
+    if query.level == "patients":
+        statement = (
+            select(sp.c.patient_id.label("key"), p.c.fhir_id, func.count().label("studies"))
+            .select_from(joined)
+            .where(*where)
+            .group_by(sp.c.patient_id, p.c.fhir_id)
+            .order_by(sp.c.patient_id)
+        )
+        rows = conn.execute(_page(statement, query)).all()
+        return _patient_rows(conn, query, rows, counts)
+    columns = [
+        p.c.id.label("patient_key"), p.c.fhir_id, st.c.patient_id, st.c.study_uid,
+        st.c.study_date, st.c.study_description, st.c.accession_number,
+        st.c.modalities_in_study, st.c.num_series, st.c.num_instances,
+    ]  # fmt: skip
+    order = [st.c.id]
+    if se is not None:
+        columns += [
+            se.c.series_uid, se.c.series_number, se.c.modality, se.c.body_part_examined,
+            se.c.series_description, se.c.num_instances.label("series_instances"),
+        ]  # fmt: skip
+        order += [se.c.series_number, se.c.id]
+    statement = select(*columns).select_from(joined).where(*where).order_by(*order)
+    out = []
+    for row in conn.execute(_page(statement, query)):
+        study_url = f"{root}/studies/{row.study_uid}"
+        values: dict[str, Any] = {
+            "patient_key": row.patient_key,
+            "patient": row.fhir_id,
+            "patient_id": row.patient_id,
+            "study_uid": row.study_uid,
+            "study_date": _dicom_date(row.study_date),
+            "study_description": row.study_description,
+            "accession_number": row.accession_number,
+            "modalities": [m for m in (row.modalities_in_study or "").split("\\") if m],
+            "series_count": row.num_series,
+            "instance_count": row.num_instances,
+            "imaging_study": f"ImagingStudy/{row.study_uid}",
+            "dicomweb_url": study_url,
+        }
+        if se is not None:
+            values.update(
+                series_uid=row.series_uid,
+                series_number=row.series_number,
+                modality=row.modality,
+                body_part=row.body_part_examined,
+                series_description=row.series_description,
+                instance_count=row.series_instances,
+                dicomweb_url=f"{study_url}/series/{row.series_uid}",
+            )
+        out.append({name: values[name] for name in query.columns})
+    return CohortResult(query.level, query.columns, out, counts, query.offset, query.limit)
+
+
+def _by_patient(
+    conn: Connection, query: CohortQuery, partition_pk: int, builder: CriteriaBuilder
+) -> CohortResult:
+    p = patients
+    scope = _Scope(partition_pk, builder, p.c.id, None, None, None, dt.datetime.now(dt.UTC).date())
+    where = [p.c.partition_id == partition_pk, p.c.merged_into.is_(None)]
+    if query.where is not None:
+        where.append(_compile(query.where, scope))
+    keys = select(p.c.id).where(*where)
+    linked = study_patients.join(studies, studies.c.id == study_patients.c.study_id)
+    figures = conn.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(studies.c.num_series), 0),
+            func.coalesce(func.sum(studies.c.num_instances), 0),
+        )
+        .select_from(linked)
+        .where(study_patients.c.patient_id.in_(keys))
+    ).one()
+    total = conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one()
+    counts = CohortCounts(int(total), *(int(v) for v in figures))
+    study_count = (
+        select(func.count())
+        .where(study_patients.c.patient_id == p.c.id)
+        .scalar_subquery()
+        .label("studies")
+    )
+    statement = select(p.c.id.label("key"), p.c.fhir_id, study_count).where(*where).order_by(p.c.id)
+    rows = conn.execute(_page(statement, query)).all()
+    return _patient_rows(conn, query, rows, counts)
+
+
+def _patient_rows(
+    conn: Connection, query: CohortQuery, rows: Any, counts: CohortCounts
+) -> CohortResult:
+    keys = [row.key for row in rows]
+    identifiers: dict[int, list[str]] = {key: [] for key in keys}
+    for start in range(0, len(keys), 500):
+        found = conn.execute(
+            select(patient_identifiers.c.patient_id, patient_identifiers.c.system,
+                   patient_identifiers.c.value)
+            .where(patient_identifiers.c.patient_id.in_(keys[start : start + 500]))
+            .order_by(patient_identifiers.c.id)
+        )  # fmt: skip
+        for row in found:
+            text = f"{row.system}|{row.value}" if row.system else row.value
+            identifiers[row.patient_id].append(text)
+    out = []
+    for row in rows:
+        values = {
+            "patient_key": row.key,
+            "patient": row.fhir_id,
+            "identifiers": identifiers[row.key],
+            "studies": row.studies,
+        }
+        out.append({name: values[name] for name in query.columns})
+    return CohortResult(query.level, query.columns, out, counts, query.offset, query.limit)
