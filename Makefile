@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse bench-hl7 bench-fhir clean
+.PHONY: install demo test test-fast lint bench bench-ingest bench-dimse bench-hl7 bench-fhir bench-cohort clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench-hl7: install  ## HL7 v2 over MLLP: messages/s on one connection, stored be
 
 bench-fhir: install  ## FHIR $$import and transaction rates, $$export of 1M resources with peak RSS (~15 min)
 	$(PY) benchmarks/fhir_bulk.py --out bench-results/fhir-bulk.txt
+
+bench-cohort: install  ## cohort queries on 100k patients / 1M instances, SQLite and PostgreSQL (~25 min)
+	mkdir -p bench-results
+	$(PY) benchmarks/cohort_scale.py --patients 100000 --db both --out bench-results/cohort.txt
 
 clean:
 	rm -rf demo-data bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -146,7 +146,7 @@ QUERIES: dict[str, dict[str, Any]] = {
                 },
             ]
         },
-    },  # fmt: skip
+    },
 }
 
 

@@ -302,3 +302,27 @@ def test_row_errors_name_the_value() -> None:
     assert rows[0] == {"resourceType": "Patient", "gender": "female", "active": True}
     assert "sex 'X' is not one of M, F" in str(rows[1])
     assert "'maybe' is not a boolean" in str(rows[2])
+
+
+def test_ndjson_files_go_to_the_fhir_store_with_fhir(
+    runner: CliRunner, data: Path, tmp_path: Path, opened: Callable[[], Archive]
+) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    good = {"resourceType": "Patient", "id": "n1", "gender": "female"}
+    (folder / "a.ndjson").write_text(json.dumps(good) + "\n" + '{"resourceType": "Patient"\n')
+    (folder / "b.jsonl").write_text(json.dumps({**good, "id": "n2"}) + "\n")
+    (folder / "notes.txt").write_text("not imported\n")
+
+    first = runner.invoke(app, ["ingest", "--data", str(data), "--fhir", str(folder)])
+    again = runner.invoke(app, ["ingest", "--data", str(data), "--fhir", str(folder)])
+
+    assert first.exit_code == 1  # one line rejected
+    assert "3 seen, 2 stored, 0 duplicate, 1" in first.output.replace("\n", " ")
+    assert "a.ndjson line 2" in first.output
+    assert "3 seen, 0 stored, 2 duplicate, 1" in again.output.replace("\n", " ")
+    archive = opened()
+    assert (read_resource(archive, "Patient", "n2").resource() or {})["gender"] == "female"
+    with archive.engine.connect() as conn:
+        staged = conn.execute(select(batches.c.source).order_by(batches.c.started_at)).scalars()
+        assert all(source.startswith("fhir-import:") for source in staged)

@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from medlake.clinical import bulk_import
 from medlake.clinical.bulk_jobs import JobContext, JobStatus, _claim, _run, get_job, run_job_here
 from medlake.clinical.store import read_resource, update_resource
 from medlake.config import Settings
@@ -417,9 +418,16 @@ GOOD_AND_BAD = [
 ]
 
 
+@pytest.mark.parametrize("checker", ["in-process", "worker-process"])
 def test_import_stores_good_lines_and_reports_bad_ones(
-    client: TestClient, settings: Settings, archive: Archive
+    client: TestClient,
+    settings: Settings,
+    archive: Archive,
+    checker: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if checker == "worker-process":  # as for a large input: lines checked by a second process
+        monkeypatch.setattr(bulk_import, "CHECKER_PROCESS_BYTES", 0)
     assert settings.fhir_import_root is not None
     url = write_ndjson(settings.fhir_import_root / "patients.ndjson", GOOD_AND_BAD)
 

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from medlake.api.dicomweb_routes import ArchiveDep
 from medlake.dicomweb import changefeed, partitions
 from medlake.errors import InvalidInput
+from medlake.types import check_partition
 
 router = APIRouter()
 
@@ -36,7 +37,7 @@ async def read_changefeed(request: Request, archive: ArchiveDep) -> list[dict[st
         end_time=changefeed.parse_time(params.get("endTime"), "endTime"),
         offset=_int_param(request, "offset", 0),
         limit=_int_param(request, "limit", 100),
-        partition=params.get("partition"),
+        partition=check_partition(params["partition"]) if "partition" in params else None,
     )
 
 

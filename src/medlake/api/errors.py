@@ -13,7 +13,9 @@ from medlake.errors import MedlakeError
 
 def warning_header(message: str) -> str:
     """An RFC 7234 Warning header value: one line, latin-1 safe, double quotes escaped."""
-    text = " ".join(message.split())[:200].replace('"', "'")
+    # Control characters (a NUL from a path parameter) are not allowed in a header value.
+    printable = "".join(c if c.isprintable() else "?" for c in " ".join(message.split()))
+    text = printable[:200].replace('"', "'")
     return f'299 medlake "{text.encode("latin-1", "replace").decode("latin-1")}"'
 
 

@@ -9,7 +9,10 @@
   blocking work in a copy of the request's context, so records from there carry it too);
 - answers 431 when the request's header lines add up to more than
   ``http_max_header_bytes`` (the HTTP server enforces the limit before the app sees
-  the request; this covers servers that do not);
+  the request; this covers servers that do not), and 400 when the decoded path holds a
+  control character or the query a NUL (``%00``): no UID, id or name has one, and
+  PostgreSQL cannot store a NUL, so such a value would otherwise fail deep inside a
+  service (or in the audit record) as a server error;
 - writes one access-log line (logger ``medlake.access``, INFO): method, route template,
   status, duration, principal subject and request id. Never the concrete path or the
   query string: they hold UIDs, patient names and identifiers;
@@ -38,6 +41,7 @@ _HEADER_KEY = REQUEST_ID_HEADER.lower().encode()
 #: An incoming id is kept only when it matches this (else a new one is made): it ends up
 #: in log lines and headers, so nothing that could break either (or carry data) is taken.
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 access_log = logging.getLogger("medlake.access")
 
@@ -65,6 +69,10 @@ def _incoming_id(scope: Scope) -> str | None:
         if name == _HEADER_KEY:
             return value.decode("ascii") if _SANE_ID.fullmatch(value) else None
     return None
+
+
+def _bad_url(scope: Scope) -> bool:
+    return bool(_CONTROL.search(scope["path"]) or b"%00" in scope.get("query_string", b""))
 
 
 def _header_bytes(scope: Scope) -> int:
@@ -111,6 +119,9 @@ class RequestLog:
             if self.max_header_bytes and _header_bytes(scope) > self.max_header_bytes:
                 message = f"the request's header lines exceed {self.max_header_bytes} bytes"
                 await _answer(send_with_id, 431, message)
+            elif _bad_url(scope):
+                message = "the request URL holds a control character (%00-%1F, %7F)"
+                await _answer(send_with_id, 400, message)
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, insert, select, update
 
 from medlake.errors import InvalidState, MedlakeError, NotFound
 from medlake.index.schema import fhir_bulk_job_patients, fhir_bulk_jobs
@@ -511,18 +511,6 @@ def set_job_patients(conn: Connection, job_id: str, patient_ids: list[str]) -> N
         conn.execute(insert(fhir_bulk_job_patients), rows[start : start + 1000])
 
 
-def unfinished_jobs(archive: Archive) -> int:
-    """How many jobs are waiting or running (for tests and the status page)."""
-    t = fhir_bulk_jobs.c
-    with archive.engine.connect() as conn:
-        rows = conn.execute(
-            select(t.id).where(
-                or_(t.status == JobStatus.ACCEPTED.value, t.status == JobStatus.RUNNING.value)
-            )
-        ).all()
-    return len(rows)
-
-
 __all__ = [
     "BulkJob",
     "BulkJobRunner",
@@ -542,5 +530,4 @@ __all__ = [
     "remove_job_files",
     "run_job_here",
     "set_job_patients",
-    "unfinished_jobs",
 ]

@@ -246,7 +246,10 @@ class _Scope:
 
 def _compile(criterion: Criterion, scope: _Scope) -> Clause:
     if isinstance(criterion, AllOf):
-        return and_(*(_compile(item, scope) for item in criterion.items))
+        # Cheap conditions first: SQLite tests the terms of an AND in the order given, so
+        # the per-study EXISTS of a time window only runs for rows that passed the rest.
+        items = sorted(criterion.items, key=_cost)
+        return and_(*(_compile(item, scope) for item in items))
     if isinstance(criterion, AnyOf):
         return or_(*(_compile(item, scope) for item in criterion.items))
     if isinstance(criterion, Not):
@@ -258,6 +261,19 @@ def _compile(criterion: Criterion, scope: _Scope) -> Clause:
     if isinstance(criterion, StudyCriterion):
         return _study(criterion, scope)
     return _series(criterion, scope)
+
+
+def _cost(criterion: Criterion) -> int:
+    """A rough rank of how much a criterion costs per row (lower runs first)."""
+    if isinstance(criterion, StudyCriterion | SeriesCriterion):
+        return 0
+    if isinstance(criterion, ClinicalCriterion) and criterion.within is not None:
+        return 3
+    if isinstance(criterion, PatientCriterion) and criterion.age_at == "study" and criterion.age:
+        return 3
+    if isinstance(criterion, AllOf | AnyOf | Not):
+        return 2
+    return 1
 
 
 def _search(
@@ -291,13 +307,14 @@ def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
         r.c.resource_type == kind,
         r.c.deleted.is_(False),
     ]
+    driver: list[Clause] = []
     if c.codes:
         codes = [_code_of(token) for token in c.codes]
         if all(codes):
-            # Drives the query from the code's index entries instead of every resource
-            # of the type; the search criterion below keeps the exact token semantics.
+            # Drives the uncorrelated form from the code's index entries instead of every
+            # resource of the type; the search criterion keeps the exact token semantics.
             hint = fhir_search_values.alias()
-            conditions.append(
+            driver.append(
                 r.c.id.in_(
                     select(hint.c.resource_id).where(
                         hint.c.resource_type == kind,
@@ -330,9 +347,9 @@ def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
         record,
         and_(record.c.partition_id == scope.partition_pk, record.c.fhir_id == subject.c.ref_id),
     )
-    matching = scope.patient.in_(select(record.c.patient_id).select_from(joined).where(*conditions))
     if c.within is None:
-        return matching
+        keys = select(record.c.patient_id).select_from(joined).where(*driver, *conditions)
+        return scope.patient.in_(keys)
     if scope.study_day is None:
         raise InvalidCohortQuery(f"{c.path}.within: needs a study")
     low_days, high_days = {
@@ -342,20 +359,22 @@ def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
     }[c.within.relation]
     when = fhir_search_values.alias()
     in_window = exists(
-        select(literal(1)).where(
+        select(literal(1))
+        .where(
             when.c.resource_id == r.c.id,
             when.c.param == c.date_param,
             when.c.date_low >= _shifted(scope.study_day, days=low_days),
             when.c.date_low < _shifted(scope.study_day, days=high_days),
-        ).correlate_except(when)  # the study's row is two queries out: name it correlated
+        )
+        .correlate_except(when)  # the study's row is two queries out: name it correlated
     )
-    near_study = exists(
+    # Correlated with the row's patient and study: from the patient's own resources of
+    # the type (reference index), each checked against the criteria and the window.
+    return exists(
         select(literal(1))
         .select_from(joined)
-        .where(record.c.patient_id == scope.patient, *conditions, in_window)
+        .where(record.c.patient_id == scope.patient, in_window, *conditions)
     )
-    # The uncorrelated IN narrows the rows first; the EXISTS checks the window per study.
-    return and_(matching, near_study)
 
 
 def _escape(text: str) -> str:
@@ -561,6 +580,19 @@ def find_cohort(
         return _by_study(conn, parsed, partition_pk, builder, root)
 
 
+@dataclass(frozen=True)
+class _PatientRow:
+    key: int
+    fhir_id: str
+    studies: int
+
+
+def _window(query: CohortQuery) -> slice:
+    """The rows of the page asked for."""
+    end = None if query.limit is None else query.offset + query.limit
+    return slice(query.offset, end)
+
+
 def _page(statement: Select[Any], query: CohortQuery) -> Select[Any]:
     if query.offset:
         statement = statement.offset(query.offset)
@@ -582,47 +614,54 @@ def _by_study(
     where = [st.c.partition_id == partition_pk]
     if query.where is not None:
         where.append(_compile(query.where, scope))
+    # One evaluation of the criteria: the keys of every matching row, in output order;
+    # the counts are taken from them and the page's details fetched by primary key.
+    keys: list[ColumnElement[Any]] = [st.c.id, sp.c.patient_id, st.c.num_series, st.c.num_instances]
+    order = [st.c.id]
     if se is not None:
-        totals = select(
-            func.count(func.distinct(sp.c.patient_id)),
-            func.count(func.distinct(st.c.id)),
-            func.count(),
-            func.coalesce(func.sum(se.c.num_instances), 0),
-        )
-    else:
-        totals = select(
-            func.count(func.distinct(sp.c.patient_id)),
-            func.count(),
-            func.coalesce(func.sum(st.c.num_series), 0),
-            func.coalesce(func.sum(st.c.num_instances), 0),
-        )
-    figures = conn.execute(totals.select_from(joined).where(*where)).one()
-    counts = CohortCounts(*(int(v) for v in figures))
+        keys += [se.c.id.label("series_pk"), se.c.num_instances.label("series_instances")]
+        order += [se.c.series_number, se.c.id]
+    matches = conn.execute(select(*keys).select_from(joined).where(*where).order_by(*order)).all()
+    study_sizes = {m.id: (m.num_series, m.num_instances) for m in matches}
+    counts = CohortCounts(
+        patients=len({m.patient_id for m in matches}),
+        studies=len(study_sizes),
+        series=len(matches) if se is not None else sum(n for n, _ in study_sizes.values()),
+        instances=sum(m.series_instances for m in matches)
+        if se is not None
+        else sum(n for _, n in study_sizes.values()),
+    )
     if query.level == "patients":
-        statement = (
-            select(sp.c.patient_id.label("key"), p.c.fhir_id, func.count().label("studies"))
-            .select_from(joined)
-            .where(*where)
-            .group_by(sp.c.patient_id, p.c.fhir_id)
-            .order_by(sp.c.patient_id)
-        )
-        rows = conn.execute(_page(statement, query)).all()
+        per_patient: dict[int, int] = {}
+        for m in matches:
+            per_patient[m.patient_id] = per_patient.get(m.patient_id, 0) + 1
+        chosen = sorted(per_patient)[_window(query)]
+        fhir_ids = dict(
+            conn.execute(select(p.c.id, p.c.fhir_id).where(p.c.id.in_(chosen))).tuples().all()
+        ) if chosen else {}  # fmt: skip
+        rows = [_PatientRow(key, fhir_ids[key], per_patient[key]) for key in chosen]
         return _patient_rows(conn, query, rows, counts)
+    page = matches[_window(query)]
+    if not page:
+        return CohortResult(query.level, query.columns, [], counts, query.offset, query.limit)
     columns = [
         p.c.id.label("patient_key"), p.c.fhir_id, st.c.patient_id, st.c.study_uid,
         st.c.study_date, st.c.study_description, st.c.accession_number,
         st.c.modalities_in_study, st.c.num_series, st.c.num_instances,
     ]  # fmt: skip
-    order = [st.c.id]
     if se is not None:
         columns += [
             se.c.series_uid, se.c.series_number, se.c.modality, se.c.body_part_examined,
             se.c.series_description, se.c.num_instances.label("series_instances"),
         ]  # fmt: skip
-        order += [se.c.series_number, se.c.id]
-    statement = select(*columns).select_from(joined).where(*where).order_by(*order)
+        chosen = [m.series_pk for m in page]
+        detail = select(*columns, se.c.id.label("pk")).where(se.c.id.in_(chosen))
+    else:
+        chosen = [m.id for m in page]
+        detail = select(*columns, st.c.id.label("pk")).where(st.c.id.in_(chosen))
+    found = {row.pk: row for row in conn.execute(detail.select_from(joined))}
     out = []
-    for row in conn.execute(_page(statement, query)):
+    for row in (found[pk] for pk in chosen):
         study_url = f"{root}/studies/{row.study_uid}"
         values: dict[str, Any] = {
             "patient_key": row.patient_key,

@@ -442,8 +442,9 @@ def _plan(
                 item,
                 Outcome.FAILED,
                 Conflict(
-                    f"SeriesInstanceUID {item.series_uid} belongs to study {series_study} "
-                    f"in partition {partition}, not to study {item.study_uid} of the instance"
+                    f"the series belongs to another study: SeriesInstanceUID {item.series_uid}"
+                    f" is in study {series_study} of partition {partition}, the instance "
+                    f"names study {item.study_uid}"
                 ),
             )
             continue

@@ -54,12 +54,21 @@ def map_stored_message(archive: Archive, row: MessageRow, base_url: str) -> None
         raise
     except (MappingError, MedlakeError) as exc:
         message = exc.message if isinstance(exc, MedlakeError) else str(exc)
-        log.warning("HL7 message %d (%s) not mapped: %s", row.id, row.message_type, message)
+        # The reason quotes identifiers (PHI): it is on the message's record, not in the log.
+        log.warning(
+            "HL7 message %d (%s) not mapped: %s", row.id, row.message_type, type(exc).__name__
+        )
         with archive.engine.begin() as conn:
             records.mark_failed(conn, row.id, message)
         return
     except Exception as exc:
-        log.exception("HL7 message %d (%s) could not be mapped", row.id, row.message_type)
+        log.error(
+            "HL7 message %d (%s) could not be mapped: %s",
+            row.id,
+            row.message_type,
+            type(exc).__name__,
+        )
+        log.debug("HL7 message %d: mapping failed", row.id, exc_info=True)
         with archive.engine.begin() as conn:
             records.mark_failed(conn, row.id, f"internal error: {type(exc).__name__}: {exc}")
         return

@@ -170,10 +170,13 @@ class Receiver:
             if item.record.status == records.RECEIVED and where.duplicate_of is None:
                 accepted = True
             if item.record.status == records.REJECTED:
+                # Codes and locations only: the error texts quote field values (PHI);
+                # they are on the message's record.
+                found = [f"{int(i.code)} {i.location}".strip() for i in item.issues]
                 log.warning(
                     "HL7 message %d from %s rejected (%s): %s",
                     where.id, peer, item.record.ack_code or "no ACK",
-                    (item.record.error_text or "").splitlines()[0],
+                    ", ".join(found) or item.record.error_code,
                 )  # fmt: skip
             if item.answer:
                 ack_code = item.record.ack_code or "AR"
@@ -196,7 +199,8 @@ class Receiver:
                 return self._message(event.payload, peer, now)
             return self._framing_error(event, peer, now)
         except Exception as exc:  # a bug must not lose the message: store it as failed
-            log.exception("HL7 message from %s could not be read", peer)
+            log.error("HL7 message from %s could not be read: %s", peer, type(exc).__name__)
+            log.debug("HL7 message from %s: reading failed", peer, exc_info=True)
             payload = event.payload if isinstance(event, Block) else getattr(event, "head", b"")
             issue = Hl7Issue(ErrorCode.APPLICATION_INTERNAL_ERROR, f"internal error: {exc}")
             record = self._record(payload, None, len(payload), now, peer, [issue], "AR")
