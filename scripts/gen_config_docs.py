@@ -104,12 +104,7 @@ With nothing configured, everything lives in one folder (`data`):
 
 #: Options the code does not read yet, because the feature they configure is not built.
 #: tests/test_docs.py fails as soon as one of them is used, so this list stays true.
-NOT_USED_YET: dict[str, str] = {
-    "encrypt_at_rest": "The envelope encryption (`medlake.security.envelope`) exists, but "
-    "the lake's blob stores do not use it yet: blobs are written unencrypted.",
-    "encryption_key_file": "Read by nothing until `encrypt_at_rest` is wired into the blob "
-    "stores.",
-}
+NOT_USED_YET: dict[str, str] = {}
 
 #: Facts about an option that its one-line description leaves out.
 NOTES: dict[str, str] = {
@@ -130,6 +125,14 @@ NOTES: dict[str, str] = {
     "result 1 (rejected-permanent), source 1, reason 3 (calling AE title not recognised). "
     "The DIMSE port listens on `host` (127.0.0.1) unless `dimse_host` says otherwise, so "
     "the open default only admits local clients.",
+    "encrypt_at_rest": "Create the key file first (`medlake keys create`) and keep a copy "
+    "of it apart from the lake. Blobs written before it was switched on stay readable as they "
+    "are; a lake that was encrypted cannot be opened with it off. See "
+    "[security](security.md#encryption-at-rest).",
+    "dimse_tls_port": "The TLS port serves the same AE, services and calling-AE rules as "
+    "dimse_port and runs beside it (`medlake serve` and `medlake dimse` start DIMSE only when "
+    "dimse_port is not 0). See the "
+    "[conformance statement](conformance-statement.md#security-profiles).",
     "workspace": "Changing it (or `dicom_service`) on an existing archive moves no files: "
     "the index keeps the key each instance was written under, and new instances go "
     "under the new prefix.",

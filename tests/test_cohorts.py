@@ -181,9 +181,7 @@ def test_boolean_combinations_and_demographics(archive: Archive, cohort: Cohort)
     assert found(young, "patients") == {cohort.patients[n] for n in set(PEOPLE) - men}
 
 
-def test_post_and_get_cohorts_answer_json_csv_and_parquet(
-    client: Any, cohort: Cohort
-) -> None:
+def test_post_and_get_cohorts_answer_json_csv_and_parquet(client: Any, cohort: Cohort) -> None:
     expected = cohort.uids(*EXPECTED)
     posted = client.post("/cohorts", json=EXAMPLE)
     assert posted.status_code == 200, posted.text
@@ -247,10 +245,14 @@ def test_a_bad_query_is_400_naming_the_problem(client: Any, query: Any, message:
     assert message in response.json()["message"]
 
 
-def test_an_unknown_partition_is_404(client: Any) -> None:
+def test_an_unknown_partition_is_404_and_the_body_cannot_name_another(client: Any) -> None:
     response = client.post("/cohorts?partition=nowhere", json={"level": "studies"})
     assert response.status_code == 404
     assert "nowhere" in response.json()["message"]
+    # Access is checked for the partition of the URL; the body may not switch to another.
+    other = client.post("/cohorts", json={"partition": "research"})
+    assert other.status_code == 400
+    assert "give the partition as the partition parameter" in other.json()["message"]
 
 
 def test_cli_writes_csv_and_parquet(

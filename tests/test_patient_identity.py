@@ -214,6 +214,8 @@ def test_adt_a40_moves_the_prior_patients_studies_to_the_surviving_patient(
     mllp.mapper.run_pending()
 
     assert subject_of(client, study_uid_of(second)) == surviving
-    patients = find_cohort(archive, {"level": "patients", "where": {"study": {"date": {"ge": "2024"}}}})
+    patients = find_cohort(
+        archive, {"level": "patients", "where": {"study": {"date": {"ge": "2024"}}}}
+    )
     assert [row["patient"] for row in patients.rows] == [surviving.split("/")[1]]
     assert patients.rows[0]["studies"] == 2

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
         "into and query the default partition; registered AEs always get their own "
         "partition and permissions.",
     )
+    dimse_tls_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="DICOM TLS port (PS3.15 B.1 / BCP 195; 2762 is DICOM's registered one) "
+        "of `medlake serve` and `medlake dimse`, beside dimse_port, with tls_cert_file and "
+        "tls_key_file; 0 = no TLS port.",
+    )
+    dimse_tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA certificate(s) that DIMSE peers' certificates must chain to: "
+        "set, the TLS port requires a client certificate (mutual TLS) and medlake as an "
+        "SCU verifies peers against it; unset, any client may connect over TLS and the "
+        "SCU verifies peers against the system's CAs.",
+    )
     dimse_max_pdu: int = Field(
         default=65536,
         description="Largest PDU medlake accepts on an association, in bytes "
@@ -395,6 +410,12 @@ class Settings(BaseSettings):
             raise ValueError("auth = false needs insecure_no_auth = true as well")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+    @model_validator(mode="after")
+    def _dimse_tls_has_a_certificate(self) -> Settings:
+        if self.dimse_tls_port and self.tls_cert_file is None:
+            raise ValueError("dimse_tls_port needs tls_cert_file and tls_key_file")
         return self
 
     @property

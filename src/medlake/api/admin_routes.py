@@ -21,7 +21,7 @@ def _int_param(request: Request, name: str, default: int) -> int:
     value = request.query_params.get(name)
     if value is None:
         return default
-    if not value.lstrip("-").isdigit():
+    if not (value.isascii() and value.lstrip("-").isdigit()):
         raise InvalidInput(f"{name} must be an integer, not {value!r}")
     return int(value)
 

@@ -25,7 +25,7 @@ from medlake.clinical.cohort import CohortResult, find_cohort
 from medlake.clinical.cohort_model import InvalidCohortQuery, parse_cohort_query
 from medlake.errors import InvalidInput, UnsupportedMediaType
 from medlake.ingest.archive import Archive
-from medlake.types import check_partition
+from medlake.types import DEFAULT_PARTITION, check_partition
 
 router = APIRouter()
 
@@ -71,9 +71,13 @@ async def _run(request: Request, archive: Archive, document: Any) -> Response:
     query = parse_cohort_query(document)
     if fmt == "json" and query.limit is None:
         query = replace(query, limit=DEFAULT_JSON_ROWS)
-    partition = request.query_params.get("partition")
-    if partition is not None:
-        check_partition(partition)
+    # Access is granted per partition from the URL: the query may not name another one.
+    partition = check_partition(request.query_params.get("partition") or DEFAULT_PARTITION)
+    if query.partition is not None and query.partition != partition:
+        raise InvalidCohortQuery(
+            f"partition: the query names {query.partition!r} but the request is for "
+            f"{partition!r}; give the partition as the partition parameter"
+        )
     base_url = archive.settings.public_base_url or str(request.base_url)
     result = await run_in_threadpool(
         find_cohort, archive, query, partition=partition, base_url=base_url

@@ -332,6 +332,9 @@ def _single_blob(archive: Archive, item: StoredInstance, media_type: str) -> Res
     path = archive.blobs.local_path(item.blob_key)
     if path is not None:
         return FileResponse(path, media_type=media_type)
+    # No plaintext file to send with sendfile (object storage, or an encrypted lake whose
+    # files are ciphertext): stream what the store's reader returns (it decrypts), with
+    # the plaintext size the index recorded.
 
     def chunks() -> Iterator[bytes]:
         with archive.blobs.open(item.blob_key) as fh:
@@ -503,7 +506,7 @@ def render_options(request: Request, thumbnail: bool = False) -> RenderOptions:
     if thumbnail and viewport is None:
         viewport = (128, 128)
     quality = request.query_params.get("quality", "90")
-    if not quality.isdigit() or not 1 <= int(quality) <= 100:
+    if not (quality.isascii() and quality.isdigit()) or not 1 <= int(quality) <= 100:
         raise InvalidInput(f"quality must be 1..100, not {quality!r}")
     return RenderOptions(media.name, center, width, viewport, int(quality))
 
@@ -627,10 +630,10 @@ async def wado_uri(request: Request, archive: ArchiveDep, partition: PartitionDe
     rows, columns = params.get("rows"), params.get("columns")
     viewport = parse_viewport(f"{columns or rows},{rows or columns}") if rows or columns else None
     frame = params.get("frameNumber", "1")
-    if not frame.isdigit():
+    if not (frame.isascii() and frame.isdigit()):
         raise InvalidInput(f"frameNumber must be a positive integer, not {frame!r}")
     quality = params.get("imageQuality", "90")
-    if not quality.isdigit() or not 1 <= int(quality) <= 100:
+    if not (quality.isascii() and quality.isdigit()) or not 1 <= int(quality) <= 100:
         raise InvalidInput(f"imageQuality must be 1..100, not {quality!r}")
     options = RenderOptions(content_type, window[0], window[1], viewport, int(quality))
     data = await run_in_threadpool(retrieve_service.rendered, archive, item, int(frame), options)

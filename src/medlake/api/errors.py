@@ -12,11 +12,13 @@ from medlake.errors import MedlakeError
 
 
 def warning_header(message: str) -> str:
-    """An RFC 7234 Warning header value: one line, latin-1 safe, double quotes escaped."""
-    # Control characters (a NUL from a path parameter) are not allowed in a header value.
-    printable = "".join(c if c.isprintable() else "?" for c in " ".join(message.split()))
-    text = printable[:200].replace('"', "'")
-    return f'299 medlake "{text.encode("latin-1", "replace").decode("latin-1")}"'
+    """An RFC 7234 Warning header value: one line of printable ASCII, double quotes
+    escaped (the full message is in the body)."""
+    # Control characters (a NUL from a path parameter) are not allowed in a header value,
+    # and clients disagree on how to decode bytes above 0x7F (RFC 7230 section 3.2.4).
+    text = " ".join(message.split())[:200].replace('"', "'")
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return f'299 medlake "{printable}"'
 
 
 def _error(status: int, message: str) -> Response:

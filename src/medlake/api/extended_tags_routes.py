@@ -29,7 +29,7 @@ def _paging(request: Request) -> tuple[int, int]:
     values = []
     for name, default in (("limit", 100), ("offset", 0)):
         raw = request.query_params.get(name)
-        if raw is not None and not raw.isdigit():
+        if raw is not None and not (raw.isascii() and raw.isdigit()):
             raise InvalidInput(f"{name} must be a non-negative integer, not {raw!r}")
         values.append(int(raw) if raw is not None else default)
     return values[0], values[1]

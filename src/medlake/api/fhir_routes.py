@@ -245,7 +245,7 @@ def _count(request: Request, default: int = 100, maximum: int = 1000) -> int:
     value = request.query_params.get("_count")
     if value is None:
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise InvalidInput(f"_count must be a non-negative integer, not {value!r}")
     return min(int(value), maximum)
 
@@ -390,7 +390,7 @@ async def instance_history(request: Request, resource_type: str, logical_id: str
 async def vread(request: Request, resource_type: str, logical_id: str, version_id: str) -> Response:
     """One version (``vread``)."""
     resource_type = _resource_type(resource_type)
-    if not version_id.isdigit():
+    if not (version_id.isascii() and version_id.isdigit()):
         raise NotFound(f"{resource_type}/{logical_id} has no version {version_id!r}")
     _response_type(request)
     stored = await run_in_threadpool(
@@ -463,7 +463,7 @@ async def _history(request: Request, resource_type: str | None, logical_id: str 
         if unsupported in params:
             raise InvalidInput(f"{unsupported} is not supported on _history; use _since")
     cursor = params.get("_cursor")
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
         raise InvalidInput(f"_cursor {cursor!r} is not a cursor of this server")
     since_text = params.get("_since")
     count = _count(request)

@@ -30,7 +30,7 @@ def _int(request: Request, name: str, default: int, high: int) -> int:
     value = request.query_params.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not 0 <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= high:
         raise InvalidInput(f"{name} must be an integer from 0 to {high}, not {value!r}")
     return int(value)
 
@@ -69,7 +69,7 @@ async def read_messages(request: Request, archive: ArchiveDep) -> JSONResponse:
 
 
 def _message_id(value: str) -> int:
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise InvalidInput(f"a message id is a number, not {value!r}")
     return int(value)
 

@@ -16,12 +16,15 @@ from medlake.cli import (
     dimse_cmd,
     hl7_cmd,
     ingest_cmd,
+    keys_cmd,
+    lake_cmd,
     lifecycle_cmd,
     token_cmd,
 )
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
+from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
 
@@ -33,6 +36,8 @@ hl7_cmd.register(app)  # mllp, hl7 ls|show
 cohort_cmd.register(app)  # cohort, fhir sync-imaging
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(audit_cmd.app, name="audit")
+app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(lake_cmd.app, name="lake")
 console = Console()
 
 
@@ -99,7 +104,11 @@ def serve(
         insecure_no_auth=True if insecure_no_auth else None,
     )
     configure_logging(settings)
-    archive = Archive.open(settings)
+    try:
+        archive = Archive.open(settings)
+    except MedlakeError as exc:  # e.g. a wrong key file: say so, serve nothing
+        console.print(f"[red]cannot open the archive: {exc.message}[/]")
+        raise typer.Exit(1) from exc
     console.print(
         f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
         f"index [cyan]{settings.resolved_database_url.split('@')[-1]}[/]"

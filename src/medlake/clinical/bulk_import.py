@@ -373,17 +373,6 @@ def _csv_lines(handle: BinaryIO, mapping: CsvMapping, after: int) -> Iterator[_L
             yield _Line(number, 0, resource=mapped, raw=dump_resource(mapped))
 
 
-def _apply_verdicts(lines: list[_Line], found: list[str | None]) -> list[_Line]:
-    """The lines with their verdicts: resources parsed (NDJSON), errors recorded."""
-    for line, verdict in zip(lines, found, strict=True):
-        if verdict is not None:
-            line.error_text, line.resource = verdict, None
-        elif line.resource is None and line.raw is not None:
-            line.resource = parse_json(line.raw)
-        line.raw = None
-    return lines
-
-
 #: Inputs larger than this are checked (parsed, validated) by a second process while
 #: this one stores: validation costs about as much CPU as the store's own work.
 CHECKER_PROCESS_BYTES = 4 * 1024 * 1024
@@ -445,10 +434,18 @@ def _checked_chunks(
 
 
 def _merge(chunk: list[_Line], found: list[str | None]) -> list[_Line]:
-    checked = iter(found)
+    """The chunk with the verdicts of its checked lines: resources parsed (NDJSON; a CSV
+    row's resource is there already), rejections recorded."""
+    verdict = iter(found)
     for line in chunk:
-        if line.raw is not None and not line.rejected:
-            _apply_verdicts([line], [next(checked)])
+        if line.raw is None or line.rejected:
+            continue
+        error_text = next(verdict)
+        if error_text is not None:
+            line.error_text, line.resource = error_text, None
+        elif line.resource is None:
+            line.resource = parse_json(line.raw)
+        line.raw = None
     return chunk
 
 

@@ -31,7 +31,6 @@ from sqlalchemy import (
     Connection,
     DateTime,
     FromClause,
-    Select,
     and_,
     exists,
     false,
@@ -269,7 +268,7 @@ def _cost(criterion: Criterion) -> int:
         return 0
     if isinstance(criterion, ClinicalCriterion) and criterion.within is not None:
         return 3
-    if isinstance(criterion, PatientCriterion) and criterion.age_at == "study" and criterion.age:
+    if isinstance(criterion, PatientCriterion):
         return 3
     if isinstance(criterion, AllOf | AnyOf | Not):
         return 2
@@ -438,17 +437,20 @@ def _patient(c: PatientCriterion, scope: _Scope) -> Clause:
             at_study.append(born.c.date_low <= _shifted(scope.study_day, years=-oldest))
         if youngest is not None:
             at_study.append(born.c.date_low > _shifted(scope.study_day, years=-youngest))
-    keys = select(record.c.patient_id).select_from(joined).where(*conditions)
-    clause = scope.patient.in_(keys)
+    # Correlated: demographics rarely narrow much (half the patients are women), so they
+    # are checked on the rows the other criteria left, from the patient's own records.
     if not at_study:
-        return clause
-    aged = exists(
+        return exists(
+            select(literal(1))
+            .select_from(joined)
+            .where(record.c.patient_id == scope.patient, *conditions)
+        )
+    return exists(
         select(literal(1))
         .select_from(joined.join(born, and_(born.c.resource_id == person.c.id,
                                             born.c.param == "birthdate")))
         .where(record.c.patient_id == scope.patient, *conditions, *at_study)
     )  # fmt: skip
-    return and_(clause, aged)
 
 
 def _dicom_day(text: str, path: str) -> tuple[str, str]:
@@ -587,18 +589,18 @@ class _PatientRow:
     studies: int
 
 
+def _fhir_ids(conn: Connection, keys: list[int]) -> dict[int, str]:
+    """The FHIR Patient id of each patient key."""
+    if not keys:
+        return {}
+    rows = conn.execute(select(patients.c.id, patients.c.fhir_id).where(patients.c.id.in_(keys)))
+    return {int(row.id): str(row.fhir_id) for row in rows}
+
+
 def _window(query: CohortQuery) -> slice:
     """The rows of the page asked for."""
     end = None if query.limit is None else query.offset + query.limit
     return slice(query.offset, end)
-
-
-def _page(statement: Select[Any], query: CohortQuery) -> Select[Any]:
-    if query.offset:
-        statement = statement.offset(query.offset)
-    if query.limit is not None:
-        statement = statement.limit(query.limit)
-    return statement
 
 
 def _by_study(
@@ -636,9 +638,7 @@ def _by_study(
         for m in matches:
             per_patient[m.patient_id] = per_patient.get(m.patient_id, 0) + 1
         chosen = sorted(per_patient)[_window(query)]
-        fhir_ids = dict(
-            conn.execute(select(p.c.id, p.c.fhir_id).where(p.c.id.in_(chosen))).tuples().all()
-        ) if chosen else {}  # fmt: skip
+        fhir_ids = _fhir_ids(conn, chosen)
         rows = [_PatientRow(key, fhir_ids[key], per_patient[key]) for key in chosen]
         return _patient_rows(conn, query, rows, counts)
     page = matches[_window(query)]
@@ -699,27 +699,25 @@ def _by_patient(
     where = [p.c.partition_id == partition_pk, p.c.merged_into.is_(None)]
     if query.where is not None:
         where.append(_compile(query.where, scope))
-    keys = select(p.c.id).where(*where)
+    # One evaluation of the criteria: every matching key; the page and counts from them.
+    matched = list(conn.execute(select(p.c.id).where(*where).order_by(p.c.id)).scalars())
     linked = study_patients.join(studies, studies.c.id == study_patients.c.study_id)
-    figures = conn.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(studies.c.num_series), 0),
-            func.coalesce(func.sum(studies.c.num_instances), 0),
+    per_patient: dict[int, int] = dict.fromkeys(matched, 0)
+    n_series = n_instances = 0
+    for start in range(0, len(matched), 500):
+        found = conn.execute(
+            select(study_patients.c.patient_id, studies.c.num_series, studies.c.num_instances)
+            .select_from(linked)
+            .where(study_patients.c.patient_id.in_(matched[start : start + 500]))
         )
-        .select_from(linked)
-        .where(study_patients.c.patient_id.in_(keys))
-    ).one()
-    total = conn.execute(select(func.count()).select_from(keys.subquery())).scalar_one()
-    counts = CohortCounts(int(total), *(int(v) for v in figures))
-    study_count = (
-        select(func.count())
-        .where(study_patients.c.patient_id == p.c.id)
-        .scalar_subquery()
-        .label("studies")
-    )
-    statement = select(p.c.id.label("key"), p.c.fhir_id, study_count).where(*where).order_by(p.c.id)
-    rows = conn.execute(_page(statement, query)).all()
+        for row in found:
+            per_patient[row.patient_id] += 1
+            n_series += row.num_series
+            n_instances += row.num_instances
+    counts = CohortCounts(len(matched), sum(per_patient.values()), n_series, n_instances)
+    chosen = matched[_window(query)]
+    fhir_ids = _fhir_ids(conn, chosen)
+    rows = [_PatientRow(key, fhir_ids[key], per_patient[key]) for key in chosen]
     return _patient_rows(conn, query, rows, counts)
 
 

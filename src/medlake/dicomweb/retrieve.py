@@ -89,7 +89,7 @@ def parse_bulkdata_path(value: str) -> tuple[int, ...]:
     valid = (
         len(parts) % 2 == 1
         and all(len(t) == 8 and all(c in "0123456789abcdefABCDEF" for c in t) for t in tags)
-        and all(i.isdigit() for i in indexes)
+        and all(i.isascii() and i.isdigit() for i in indexes)
     )
     if not valid:
         raise InvalidInput(

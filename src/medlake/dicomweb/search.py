@@ -77,7 +77,7 @@ def parse_query(
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise InvalidInput(f"{name} must be a non-negative integer, not {value!r}")
     return int(value)
 

@@ -13,11 +13,16 @@ caps the rate. Stock pynetdicom 3.0 adds two kinds of it:
   thread blocks in ``select()`` on the socket *and* a wake-up socket that is
   written whenever something is queued for sending, and the association thread
   blocks on its message queue. Idle associations cost no CPU either.
+* Encoding each C-STORE-RSP through a pydicom Dataset (a quarter of a millisecond
+  per instance): a successful one is a fixed list of seven command elements, so
+  :func:`store_success_command` encodes it directly, byte for byte as pynetdicom
+  does (``tests/test_dimse_transport.py`` compares them).
 
-The second part replaces private pieces of pynetdicom (``Association._run_reactor``,
-the DUL's provider queue and loop delay, ``AssociationSocket.ready``/``recv``), so
-it is only switched on for the pynetdicom versions it was written against
-(:data:`FAST_TRANSPORT`); other versions run stock pynetdicom, just slower.
+The last two parts replace private pieces of pynetdicom (``Association._run_reactor``,
+the DUL's provider queue and loop delay, ``AssociationSocket.ready``/``recv``,
+``DIMSEServiceProvider.send_msg``), so they are only switched on for the pynetdicom
+versions they were written against (:data:`FAST_TRANSPORT`); other versions run
+stock pynetdicom, just slower.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ import queue
 import select
 import socket
 import ssl
+import struct
 from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
@@ -166,6 +175,63 @@ class _EventDrivenAssociation(Association):
                 return
 
 
+def _element(tag: int, value: bytes) -> bytes:
+    """A command element in Implicit VR Little Endian (group 0000)."""
+    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def store_success_command(primitive: C_STORE) -> bytes | None:
+    """The encoded command set of a successful C-STORE-RSP (PS3.7 §9.3.1.2), or None
+    when ``primitive`` is anything else (a request, a failure or warning status, an
+    Error Comment or Offending Element to send): pynetdicom encodes those."""
+    responding_to = primitive.MessageIDBeingRespondedTo
+    if (
+        responding_to is None
+        or primitive.Status != 0x0000
+        or primitive.ErrorComment is not None
+        or primitive.OffendingElement is not None
+        or primitive.DataSet
+    ):
+        return None
+    sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
+    elements = b"".join(
+        (
+            _element(0x0002, _uid(sop_class)) if sop_class is not None else b"",
+            _element(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+            _element(0x0120, struct.pack("<H", responding_to)),
+            _element(0x0800, struct.pack("<H", 0x0101)),  # no data set
+            _element(0x0900, struct.pack("<H", 0x0000)),  # Status: success
+            _element(0x1000, _uid(sop_instance)) if sop_instance is not None else b"",
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(elements))) + elements
+
+
+class _FastResponses(DIMSEServiceProvider):
+    """A DIMSE provider that sends successful C-STORE-RSPs without pynetdicom's
+    Dataset round trip (only when nothing listens to ``EVT_DIMSE_SENT``, whose
+    handlers would expect the decoded message)."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = (
+            store_success_command(primitive)
+            if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+            else None
+        )
+        if command is None:
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # 0x03: the last (only) fragment of a command; a response always fits one PDU.
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+
+
 class EventDrivenRequestHandler(RequestHandler):
     """Creates acceptor associations that use the event-driven transport."""
 
@@ -182,7 +248,13 @@ class EventDrivenRequestHandler(RequestHandler):
         sock._wake_r, sock._wake_w = wake_r, wake_w
         assoc.dul.to_provider_queue = _WakingQueue(wake_w)
         assoc.dul._run_loop_delay = 0  # the wait happens in select(), not in a sleep
+        assoc.dimse.__class__ = _FastResponses
         return assoc
 
 
-__all__ = ["FAST_TRANSPORT", "EventDrivenRequestHandler", "set_tcp_nodelay"]
+__all__ = [
+    "FAST_TRANSPORT",
+    "EventDrivenRequestHandler",
+    "set_tcp_nodelay",
+    "store_success_command",
+]

@@ -98,11 +98,8 @@ def handle_store(archive: Archive, context: StoreContext, event: Any) -> Dataset
 
 
 def stage(archive: Archive, event: Any) -> ReceivedFile:
-    """Write the received data set as a Part-10 file into staging.
-
-    Not hashed here: the inspection hashes the staged file in a thread while it parses
-    the header (hashing releases the GIL), so the SCU's wait includes no hashing.
-    """
+    """Write the received data set as a Part-10 file into staging, and hash it (from
+    memory: reading the file back for the inspection to hash cost more)."""
     target = archive.staging_dir / f"{uuid.uuid4().hex}.part"
     dataset_path = _dataset_path(event)
     if dataset_path is not None:
@@ -127,8 +124,10 @@ def stage(archive: Archive, event: Any) -> ReceivedFile:
     except OSError:
         target.unlink(missing_ok=True)
         raise
+    digest = hashlib.sha256(header)
+    digest.update(body)
     head = header + bytes(body[: max(HEAD_BYTES - len(header), 0)])
-    return ReceivedFile(target, len(header) + len(body), None, head)
+    return ReceivedFile(target, len(header) + len(body), digest.hexdigest(), head)
 
 
 def _dataset_path(event: Any) -> Path | None:

@@ -14,6 +14,7 @@ from medlake.index.database import open_index
 from medlake.index.writes import partition_id
 from medlake.ingest.events import EventHub
 from medlake.ingest.validation import RuleConfig
+from medlake.security.lake_encryption import open_encrypted_lake, refuse_encrypted_lake
 from medlake.storage import BlobStore, LakeLayout, open_blob_store
 from medlake.types import DEFAULT_PARTITION
 
@@ -50,6 +51,18 @@ class Archive:
             fsync=settings.fsync,
         )
         layout = LakeLayout(settings.workspace, settings.dicom_service)
+        # Encryption wraps whichever backend was opened; a wrong or missing key file, or
+        # an encrypted lake opened without encryption, fails here, before anything is served.
+        try:
+            if settings.encrypt_at_rest:
+                blobs = open_encrypted_lake(
+                    blobs, settings.resolved_encryption_key_file, settings.workspace
+                )
+            else:
+                refuse_encrypted_lake(blobs, settings.workspace)
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(settings, engine, blobs, layout, rules=rules)
 
     @property

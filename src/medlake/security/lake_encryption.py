@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import fsspec
 
@@ -148,7 +149,9 @@ class KeyFile:
                 try:
                     self._keys = LocalKeyFileProvider(self.path)
                 except KeyUnavailable as exc:
-                    log.warning("key file changed but cannot be read; keeping the keys held: %s", exc)
+                    log.warning(
+                        "key file changed but cannot be read; keeping the keys held: %s", exc
+                    )
                 self._stamp = stamp
             return self._keys
 
@@ -357,10 +360,9 @@ def decrypt_file(source: str | os.PathLike[str], target: Path, keys: KeyProvider
     return encrypted
 
 
-def _chunks(head: bytes, fh: object) -> Iterator[bytes]:
+def _chunks(head: bytes, fh: IO[bytes]) -> Iterator[bytes]:
     yield head
-    read = getattr(fh, "read")  # noqa: B009 - fsspec's file types have no common base
-    while chunk := read(_CHUNK):
+    while chunk := fh.read(_CHUNK):
         yield chunk
 
 

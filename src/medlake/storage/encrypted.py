@@ -31,7 +31,7 @@ from medlake.storage.base import BlobStore, Tier
 RangeReader = Callable[[int, int], bytes]
 
 _CHUNK = 1024 * 1024
-#: Plaintext bytes a reader decrypts at a time (a multiple of the cipher's segments).
+#: Plaintext bytes a reader decrypts and keeps at a time (a multiple of 64 KiB segments).
 _READ_BLOCK = 256 * 1024
 
 
@@ -135,11 +135,11 @@ class EncryptedBlobStore(BlobStore):
                 handle.seek(0)
                 return handle
             blob_size = handle.seek(0, io.SEEK_END)
-            raw = _PlaintextReader(handle, head, blob_size, self.cipher)
+            reader = _PlaintextReader(handle, head, blob_size, self.cipher)
         except BaseException:
             handle.close()
             raise
-        return cast(BinaryIO, io.BufferedReader(raw, buffer_size=_READ_BLOCK))
+        return cast(BinaryIO, reader)
 
     def read_bytes(self, key: str) -> bytes:
         """The whole plaintext of ``key``."""
@@ -209,7 +209,13 @@ class EncryptedBlobStore(BlobStore):
 
 
 class _PlaintextReader(io.RawIOBase):
-    """Raw, seekable reads of an encrypted blob's plaintext (wrapped in a BufferedReader)."""
+    """Seekable reads of an encrypted blob's plaintext, decrypted one aligned block at a
+    time (the last block is kept, so the many small reads of a header parse are cheap).
+
+    Not an ``io.BufferedReader``: pydicom takes one of those for a file it may open again
+    by name, which a lake key is not. Reads return all the bytes asked for (short only
+    at the end), as a file's do.
+    """
 
     def __init__(self, handle: BinaryIO, head: bytes, blob_size: int, cipher: BlobCipher) -> None:
         super().__init__()
@@ -219,6 +225,8 @@ class _PlaintextReader(io.RawIOBase):
         self._cipher = cipher
         self._size = cipher.plaintext_size(head, blob_size)
         self._position = 0
+        self._block_start = -1
+        self._block = b""
 
     def readable(self) -> bool:
         return True
@@ -240,15 +248,43 @@ class _PlaintextReader(io.RawIOBase):
         self._handle.seek(offset)
         return self._handle.read(length)
 
+    def _block_at(self, position: int) -> tuple[int, bytes]:
+        start = position - position % _READ_BLOCK
+        if start != self._block_start:
+            self._block = self._cipher.decrypt_range(
+                self._head, self._blob_size, start, _READ_BLOCK, self._read_stored
+            )
+            self._block_start = start
+        return start, self._block
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._position + size)
+        if end <= self._position:
+            return b""
+        if end - self._position > _READ_BLOCK:
+            # A large read (a whole file, a frame) is decrypted in one go, not via blocks.
+            data = self._cipher.decrypt_range(
+                self._head, self._blob_size, self._position, end - self._position,
+                self._read_stored,
+            )  # fmt: skip
+            self._position += len(data)
+            return data
+        pieces = []
+        while self._position < end:
+            start, block = self._block_at(self._position)
+            piece = block[self._position - start : end - start]
+            if not piece:
+                break  # the blob is shorter than its header says: DecryptionFailed came first
+            pieces.append(piece)
+            self._position += len(piece)
+        return b"".join(pieces)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        wanted = min(len(buffer), self._size - self._position)
-        if wanted <= 0:
-            return 0
-        data = self._cipher.decrypt_range(
-            self._head, self._blob_size, self._position, wanted, self._read_stored
-        )
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
-        self._position += len(data)
         return len(data)
 
     def close(self) -> None:
