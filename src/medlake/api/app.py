@@ -25,6 +25,7 @@ from medlake.api import (
 )
 from medlake.api.auth import AccessControl
 from medlake.api.errors import install_error_handlers
+from medlake.api.path_params import PARTITION_IN_PATH
 from medlake.api.request_log import RequestLog
 from medlake.clinical.imaging_study import ImagingStudySync
 from medlake.dicomweb.extended_tags import resume_interrupted
@@ -88,7 +89,11 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     app.include_router(batches_routes.router)
     app.include_router(ae_routes.router)
     app.include_router(hl7_routes.router)
-    app.include_router(dicomweb_routes.router, prefix="/dicomweb/partitions/{partition}")
+    app.include_router(
+        dicomweb_routes.router,
+        prefix="/dicomweb/partitions/{partition}",
+        dependencies=PARTITION_IN_PATH,  # documents {partition} in the OpenAPI schema
+    )
     app.include_router(dicomweb_routes.router, prefix="/dicomweb")
     app.include_router(bulk_routes.router)  # before the FHIR router's /fhir/{type}/{id}
     app.include_router(patient_merge_routes.router)  # before the FHIR router, too

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from medlake.api.fhir_routes import FhirRoute, _base_url, _body, _prefer
 from medlake.api.media import parse_accept
+from medlake.api.path_params import PARTITION_IN_PATH
 from medlake.clinical.bulk_export import (
     NDJSON,
     manifest,
@@ -230,7 +231,9 @@ async def job_file(request: Request, job_id: str, name: str) -> Response:
     return StreamingResponse(chunks(), media_type=NDJSON)
 
 
-router.include_router(_routes, prefix="/fhir/partitions/{partition}")
+router.include_router(
+    _routes, prefix="/fhir/partitions/{partition}", dependencies=PARTITION_IN_PATH
+)
 router.include_router(_routes, prefix="/fhir")
 
 __all__ = ["STATUS_SEGMENT", "router"]

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from medlake.api.fhir_routes import FhirRoute, _body, _json, _partition
+from medlake.api.path_params import PARTITION_IN_PATH
 from medlake.clinical.patient_merge_operation import merge_operation
 from medlake.ingest.archive import Archive
 
@@ -16,7 +17,7 @@ router = APIRouter(route_class=FhirRoute)
 
 
 @router.post("/fhir/Patient/$merge")
-@router.post("/fhir/partitions/{partition}/Patient/$merge")
+@router.post("/fhir/partitions/{partition}/Patient/$merge", dependencies=PARTITION_IN_PATH)
 async def patient_merge(request: Request) -> Response:
     """Merge the source Patient into the target (R5 ``Patient/$merge``)."""
     archive: Archive = request.app.state.archive

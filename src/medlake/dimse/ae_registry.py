@@ -1,16 +1,23 @@
 """Known Application Entities (table ``application_entities``) and the calling-AE policy.
 
 Each row is a peer medlake talks DIMSE with: where to reach it (C-MOVE destinations,
-``medlake send`` / ``retrieve`` targets), which partition its C-STOREs go into and
-what it may do. The same table is the allow-list for incoming associations
-(:func:`calling_ae_rules`).
+``medlake send`` / ``retrieve`` targets, with or without TLS), which partition its
+C-STOREs go into and what it may do. The same table is the allow-list for incoming
+associations (:func:`calling_ae_rules`): a registered calling AE title is admitted only
+from its host (unless ``check_host`` is off), and each admitted association acts as a
+:class:`~medlake.security.Principal` of kind ``ae`` whose roles in the AE's partition
+come from its permissions (``allow_store``: ingest, ``allow_query``: reader), so the
+DIMSE services ask the same policy decision point as HTTP.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import logging
 import re
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, delete, insert, select, update
@@ -20,7 +27,10 @@ from medlake.errors import Conflict, InvalidInput, NotFound
 from medlake.index.schema import application_entities
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
+from medlake.security import Action, Grant, Principal, PrincipalKind, Role, authorize
 from medlake.types import DEFAULT_PARTITION, check_partition
+
+log = logging.getLogger(__name__)
 
 #: PS3.5 AE VR: 1-16 characters of the default repertoire, no backslash, no control
 #: characters; leading and trailing spaces are not significant.
@@ -40,6 +50,10 @@ class ApplicationEntity:
     allow_query: bool = True
     description: str | None = None
     created_at: dt.datetime | None = None
+    #: medlake reaches it over DICOM TLS (C-MOVE destination, send / retrieve target).
+    tls: bool = False
+    #: Its associations are admitted only from the addresses of ``host``.
+    check_host: bool = True
 
     @property
     def effective_partition(self) -> str:
@@ -56,6 +70,8 @@ class ApplicationEntity:
             "allowStore": self.allow_store,
             "allowQuery": self.allow_query,
             "description": self.description,
+            "tls": self.tls,
+            "checkHost": self.check_host,
             "createdAt": self.created_at.isoformat() if self.created_at else None,
         }
 
@@ -73,11 +89,15 @@ def check_ae_title(title: str, name: str = "AE title") -> str:
 
 def ae_from_json(body: Any, ae_title: str | None = None) -> ApplicationEntity:
     """An AE from its JSON form (``aeTitle``, ``host``, ``port``, ``partition``,
-    ``allowStore``, ``allowQuery``, ``description``); ``ae_title`` (from a URL) wins
+    ``allowStore``, ``allowQuery``, ``description``, ``tls``, ``checkHost``); ``ae_title``
+    (from a URL) wins
     over the body's and must agree with it. :class:`InvalidInput` names what is wrong."""
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object with aeTitle, host and port")
-    known = {"aeTitle", "host", "port", "partition", "allowStore", "allowQuery", "description"}
+    known = {
+        "aeTitle", "host", "port", "partition", "allowStore", "allowQuery", "description",
+        "tls", "checkHost",
+    }  # fmt: skip
     unknown = sorted(set(body) - known)
     if unknown:
         raise InvalidInput(f"unknown field(s) {', '.join(unknown)}; fields are {sorted(known)}")
@@ -90,6 +110,8 @@ def ae_from_json(body: Any, ae_title: str | None = None) -> ApplicationEntity:
         "allowStore": (body.get("allowStore", True), bool, True),
         "allowQuery": (body.get("allowQuery", True), bool, True),
         "description": (body.get("description"), str, False),
+        "tls": (body.get("tls", False), bool, True),
+        "checkHost": (body.get("checkHost", True), bool, True),
     }  # fmt: skip
     for name, (value, kind, required) in fields.items():
         if value is None and not required:
@@ -101,7 +123,8 @@ def ae_from_json(body: Any, ae_title: str | None = None) -> ApplicationEntity:
         ApplicationEntity(
             str(title), str(body["host"]), int(body["port"]), body.get("partition"),
             bool(body.get("allowStore", True)), bool(body.get("allowQuery", True)),
-            body.get("description"),
+            body.get("description"), tls=bool(body.get("tls", False)),
+            check_host=bool(body.get("checkHost", True)),
         )
     )  # fmt: skip
 
@@ -115,7 +138,7 @@ def _check(ae: ApplicationEntity) -> ApplicationEntity:
     partition = check_partition(ae.partition) if ae.partition else None
     return ApplicationEntity(
         title, ae.host.strip(), ae.port, partition, ae.allow_store, ae.allow_query,
-        ae.description, ae.created_at,
+        ae.description, ae.created_at, ae.tls, ae.check_host,
     )  # fmt: skip
 
 
@@ -126,7 +149,8 @@ def _from_row(row: RowMapping) -> ApplicationEntity:
     return ApplicationEntity(
         ae_title=row["ae_title"], host=row["host"], port=row["port"], partition=row["partition"],
         allow_store=bool(row["allow_store"]), allow_query=bool(row["allow_query"]),
-        description=row["description"], created_at=created,
+        description=row["description"], created_at=created, tls=bool(row["tls"]),
+        check_host=bool(row["check_host"]),
     )  # fmt: skip
 
 
@@ -166,7 +190,7 @@ def add_ae(archive: Archive, ae: ApplicationEntity, *, replace: bool = False) ->
     values = {
         "host": ae.host, "port": ae.port, "partition": ae.partition,
         "allow_store": ae.allow_store, "allow_query": ae.allow_query,
-        "description": ae.description,
+        "description": ae.description, "tls": ae.tls, "check_host": ae.check_host,
     }  # fmt: skip
     with archive.engine.begin() as conn:
         if find_ae(conn, ae.ae_title) is not None:
@@ -201,9 +225,39 @@ def remove_ae(archive: Archive, title: str) -> None:
         raise NotFound(f"AE title {title.strip()!r} is not registered")
 
 
+def ae_grants(partition: str, *, allow_store: bool, allow_query: bool) -> frozenset[Grant]:
+    """The roles an AE holds in its partition: ``ingest`` to store, ``reader`` to query
+    and retrieve."""
+    grants = set()
+    if allow_store:
+        grants.add(Grant(Role.INGEST, partition))
+    if allow_query:
+        grants.add(Grant(Role.READER, partition))
+    return frozenset(grants)
+
+
+def ae_principal(
+    calling_ae: str,
+    grants: frozenset[Grant],
+    address: str | None = None,
+    tls_subject: str | None = None,
+) -> Principal:
+    """The principal an association acts as: the calling AE title (subject), from
+    ``address``, with the subject of its TLS client certificate when it sent one."""
+    where = f" at {address}" if address else ""
+    name = f"{calling_ae}{where}" + (f" (TLS {tls_subject})" if tls_subject else "")
+    return Principal(
+        subject=calling_ae, kind=PrincipalKind.AE, grants=grants, display_name=name[:255]
+    )
+
+
 @dataclass(frozen=True)
 class CallingAeRules:
-    """What an incoming association may do, decided from its calling AE title."""
+    """What an incoming association may do, decided from its calling AE title and host.
+
+    ``allow_store`` / ``allow_query`` are the policy's answers for the principal (so a
+    handler may check either); ``principal`` is who the association acts as.
+    """
 
     calling_ae: str
     partition: str
@@ -211,25 +265,75 @@ class CallingAeRules:
     allow_query: bool
     #: Whether the calling AE is registered (else the defaults for unknown AEs apply).
     known: bool
+    principal: Principal | None = field(default=None, compare=False)
+    #: The peer's network address (the audit log's source address).
+    address: str | None = None
 
 
-def calling_ae_rules(archive: Archive, calling_ae: str) -> CallingAeRules | None:
-    """The rules for an association from ``calling_ae``; None when it must be rejected.
+def calling_ae_rules(
+    archive: Archive,
+    calling_ae: str,
+    address: str | None = None,
+    tls_subject: str | None = None,
+) -> CallingAeRules | None:
+    """The rules for an association from ``calling_ae`` at ``address``; None when it must
+    be rejected.
 
-    A registered AE gets its own partition and permissions. An unregistered one is
-    rejected when ``dimse_require_known_ae`` is set, else it may store into and query
-    the default partition.
+    A registered AE gets its own partition and permissions, if it calls from the
+    addresses of its registered host (or ``check_host`` is off); from elsewhere it is
+    rejected. An unregistered one is rejected when ``dimse_require_known_ae`` is set,
+    else it may store into and query the default partition.
     """
     title = calling_ae.strip()
     with archive.engine.connect() as conn:
         known = find_ae(conn, title)
     if known is not None:
-        return CallingAeRules(
-            title, known.effective_partition, known.allow_store, known.allow_query, True
-        )
-    if archive.settings.dimse_require_known_ae:
+        if known.check_host and address is not None and not host_matches(known.host, address):
+            log.warning(
+                "association from registered AE %r rejected: it called from %s, not from "
+                "its host %s (check_host)", title, address, known.host,
+            )  # fmt: skip
+            return None
+        partition, store, query = known.effective_partition, known.allow_store, known.allow_query
+    elif archive.settings.dimse_require_known_ae:
         return None
-    return CallingAeRules(title, DEFAULT_PARTITION, True, True, False)
+    else:
+        partition, store, query = DEFAULT_PARTITION, True, True
+    grants = ae_grants(partition, allow_store=store, allow_query=query)
+    principal = ae_principal(title, grants, address, tls_subject)
+    return CallingAeRules(
+        title, partition,
+        authorize(principal, Action.DICOM_STORE, partition).allowed,
+        authorize(principal, Action.DICOM_SEARCH, partition).allowed,
+        known is not None, principal, address,
+    )  # fmt: skip
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:10.0.0.5 is 10.0.0.5 (dual-stack sockets)
+    return address
+
+
+def host_matches(host: str, address: str) -> bool:
+    """Whether ``address`` (a peer's IP) is ``host``: the same IP, or one that the host
+    name resolves to (a name that does not resolve matches nothing)."""
+    peer = _address(address)
+    if peer is None:
+        return False
+    literal = _address(host)
+    if literal is not None:
+        return literal == peer
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning("cannot resolve %s to check a calling AE's address: %s", host, exc)
+        return False
+    return any(_address(str(info[4][0])) == peer for info in infos)
 
 
 __all__ = [
@@ -237,10 +341,13 @@ __all__ = [
     "CallingAeRules",
     "add_ae",
     "ae_from_json",
+    "ae_grants",
+    "ae_principal",
     "calling_ae_rules",
     "check_ae_title",
     "find_ae",
     "get_ae",
+    "host_matches",
     "list_aes",
     "remove_ae",
 ]

@@ -43,6 +43,7 @@ from medlake.dimse.contexts import (
 from medlake.dimse.move_get import read_for_sending
 from medlake.dimse.scp import new_ae
 from medlake.dimse.store import StoreContext, handle_store
+from medlake.dimse.tls import client_context
 from medlake.errors import InvalidInput, NetworkError, NotFound
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
@@ -61,9 +62,11 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    #: Reached over DICOM TLS (the AE registry's ``tls``); its certificate must name ``host``.
+    tls: bool = False
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 def resolve_peer(
@@ -77,7 +80,7 @@ def resolve_peer(
         if not ae_title:
             raise InvalidInput("name a registered AE title, or give its host, port and AE title")
         known = get_ae(archive, ae_title)
-        return Peer(known.ae_title, known.host, known.port)
+        return Peer(known.ae_title, known.host, known.port, known.tls)
     if not (ae_title and host and port):
         raise InvalidInput("an unregistered peer needs its AE title, host and port")
     return Peer(check_ae_title(ae_title, "called AE title"), host, port)
@@ -92,12 +95,14 @@ def associate(
     roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
     handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
 ) -> Iterator[Association]:
-    """An established association with ``peer`` (released at the end), or NetworkError."""
+    """An established association with ``peer`` (released at the end), or NetworkError.
+    A TLS peer is reached over DICOM TLS (:func:`medlake.dimse.tls.client_context`)."""
     ae = new_ae(archive)
+    tls_args = (client_context(archive.settings), peer.host) if peer.tls else None
     assoc = ae.associate(
         peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
         ext_neg=list(roles) or None, max_pdu=archive.settings.dimse_max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *handlers],
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *handlers], tls_args=tls_args,
     )  # fmt: skip
     if not assoc.is_established:
         raise NetworkError(_why_not_established(assoc, peer))
@@ -115,8 +120,9 @@ def _why_not_established(assoc: Association, peer: Peer) -> str:
             f"{peer} rejected the association (result {rj.result}, source {rj.result_source}, "
             f"reason {rj.diagnostic}: {rj.reason_str})"
         )
-    # pynetdicom reports a refused connection as an abort, too.
-    return f"cannot connect to {peer}, or it aborted the association request"
+    # pynetdicom reports a refused connection (and a failed TLS handshake) as an abort, too.
+    how = ", or the TLS handshake failed (see the log)" if peer.tls else ""
+    return f"cannot connect to {peer}{how}, or it aborted the association request"
 
 
 def echo(archive: Archive, peer: Peer) -> int:

@@ -21,7 +21,9 @@ from typing import Any
 
 from medlake.config import Settings
 from medlake.dimse._transport import EventDrivenRequestHandler
+from medlake.dimse.ae_registry import find_ae
 from medlake.errors import InvalidInput
+from medlake.ingest.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,29 @@ def client_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def tls_args_for(archive: Archive, ae_title: str, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` to reach the AE registered as ``ae_title`` at ``host``
+    (the name its certificate must carry), or None when it is not a TLS peer."""
+    with archive.engine.connect() as conn:
+        known = find_ae(conn, ae_title)
+    if known is None or not known.tls:
+        return None
+    return client_context(archive.settings), host
+
+
 def peer_certificate_subject(sock: Any) -> str | None:
     """The subject of the certificate the peer presented on ``sock`` (``CN=…, O=…``), or
     None (no TLS, or no client certificate)."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
-    certificate = sock.getpeercert()
+    certificate: Any = sock.getpeercert()
     if not certificate:
         return None
-    parts = [f"{_SHORT.get(k, k)}={v}" for rdn in certificate.get("subject", ()) for k, v in rdn]
+    parts = [
+        f"{_SHORT.get(name, name)}={value}"
+        for rdn in certificate.get("subject", ())
+        for name, value in rdn
+    ]
     return ", ".join(parts) or None
 
 
@@ -107,12 +123,9 @@ class DeferredHandshake:
     """Server mixin: wrap accepted sockets in TLS without the handshake, which
     :class:`TlsRequestHandler` then does in the connection's own thread."""
 
-    socket: socket.socket
-    ssl_context: ssl.SSLContext | None
-
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def get_request(self: Any) -> tuple[socket.socket, Any]:
+        """Accept a connection and wrap it for TLS, leaving the handshake to its thread."""
         client, address = self.socket.accept()
-        assert self.ssl_context is not None
         wrapped = self.ssl_context.wrap_socket(
             client, server_side=True, do_handshake_on_connect=False
         )
@@ -124,6 +137,7 @@ class TlsRequestHandler(EventDrivenRequestHandler):
     starts; a failed or silent handshake closes the connection and is logged."""
 
     def handle(self) -> None:
+        """Handshake, then hand the connection to pynetdicom's association."""
         sock = self.request
         assert isinstance(sock, ssl.SSLSocket)
         try:
@@ -145,4 +159,5 @@ __all__ = [
     "client_context",
     "peer_certificate_subject",
     "server_context",
+    "tls_args_for",
 ]

@@ -21,6 +21,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 
 #: SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
@@ -344,6 +346,10 @@ application_entities = Table(
     Column("allow_query", Boolean, nullable=False, default=True),
     Column("description", Text),
     Column("created_at", TS, nullable=False),
+    # Reached over DICOM TLS (C-MOVE destination, send / retrieve target).
+    Column("tls", Boolean, nullable=False, default=False, server_default=false()),
+    # Its associations are admitted only from its host's addresses (migration 0010).
+    Column("check_host", Boolean, nullable=False, default=True, server_default=true()),
 )
 
 # --- FHIR R4 resources ----------------------------------------------------------------------
