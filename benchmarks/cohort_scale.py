@@ -4,9 +4,13 @@ and Observations, then the example cohort query and a few others.
 
     .venv/bin/python benchmarks/cohort_scale.py --patients 100000 --db both \
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--runs 10] [--out FILE]
+        [--sqlite-file PATH] [--pg-database NAME] [--queries NAME,NAME] [--explain]
 
 Per backend (SQLite in a temp folder; PostgreSQL in a fresh database
-``medlake_cohort_<random>``, dropped at the end):
+``medlake_cohort_<random>``, dropped at the end). ``--sqlite-file`` / ``--pg-database``
+name a database to keep instead: built there when it holds no studies yet, reused
+as it is (no build, no ANALYZE) on later runs, so a query change is timed in minutes
+rather than the ~7 minutes a build takes:
 
 1. opens a real :class:`medlake.ingest.archive.Archive` (the migrations run, as in the
    server);
@@ -20,7 +24,9 @@ Per backend (SQLite in a temp folder; PostgreSQL in a fresh database
    load, then ANALYZE (as ``index.statistics`` does once the index has grown);
 3. times :func:`medlake.clinical.cohort.find_cohort` (counts + first page of 100, what
    ``POST /cohorts`` answers) for each query: median and p90 of ``--runs`` after one
-   warm-up; the full CSV export of the example query is timed too.
+   warm-up; the full CSV export of the example query is timed too. ``--explain``
+   prints each query's plan with its row counts and times (EXPLAIN ANALYZE on
+   PostgreSQL, EXPLAIN QUERY PLAN on SQLite) as comment lines.
 
 Output lines: ``<figure> <value> <unit>  # details``; comment lines start with ``#``.
 """
@@ -165,20 +171,25 @@ def sqlite_url(folder: Path) -> str:
     return f"sqlite:///{folder / 'index.sqlite'}"
 
 
-def pg_database(admin_url: str) -> tuple[str, Callable[[], None]]:
+def pg_database(admin_url: str, keep: str | None) -> tuple[str, Callable[[], None]]:
+    """The URL of the database to use and how to drop it (a no-op for a kept one)."""
     import psycopg
 
-    name = f"medlake_cohort_{secrets.token_hex(4)}"
+    name = keep or f"medlake_cohort_{secrets.token_hex(4)}"
     admin = make_url(admin_url).set(drivername="postgresql")
     conninfo = admin.render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if found is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin.set(drivername="postgresql+psycopg", database=name)
+    if keep:
+        return url.render_as_string(hide_password=False), lambda: None
 
     def drop() -> None:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    url = admin.set(drivername="postgresql+psycopg", database=name)
     return url.render_as_string(hide_password=False), drop
 
 
@@ -407,29 +418,73 @@ def timed(fn: Callable[[], Any], runs: int) -> tuple[list[float], Any]:
     return times, result
 
 
+def explain(archive: Archive, query: dict[str, Any], out: Callable[[str], None]) -> None:
+    """Print the plan of every statement ``find_cohort`` runs for ``query`` (executed)."""
+    statements: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    engine = archive.engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+    try:
+        find_cohort(archive, query)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+    prefix = (
+        "EXPLAIN (ANALYZE, BUFFERS) "
+        if engine.dialect.name == "postgresql"
+        else "EXPLAIN QUERY PLAN "
+    )
+    with engine.connect() as conn:
+        for statement, parameters in statements:
+            if not statement.lstrip().upper().startswith(("SELECT", "WITH")):
+                continue
+            start = time.perf_counter()
+            plan = conn.exec_driver_sql(prefix + statement, parameters).all()
+            took = (time.perf_counter() - start) * 1000
+            out(f"# --- {took:.1f} ms: {' '.join(statement.split())[:160]}")
+            for row in plan:
+                out("#   " + " ".join(str(v) for v in row))
+
+
 def run_backend(
     name: str, url: str, data: Path, args: argparse.Namespace, out: Callable[[str], None]
 ) -> None:
     settings = Settings(data=data, database_url=url, insecure_no_auth=True)
     archive = Archive.open(settings)
     try:
-        start = time.perf_counter()
-        counts = build(archive.engine, args.patients, args.seed, out)
-        load_s = time.perf_counter() - start
-        out(
-            f"cohort.{name}.load_s {load_s:.1f} s  # "
-            + " ".join(f"{k}={v}" for k, v in counts.items())
-        )
-        for query_name, query in QUERIES.items():
+        with archive.engine.connect() as conn:
+            built = conn.execute(text("SELECT count(*) FROM studies")).scalar_one()
+        if built:
+            out(f"# reusing the database as it is ({built} studies)")
+        else:
+            start = time.perf_counter()
+            counts = build(archive.engine, args.patients, args.seed, out)
+            load_s = time.perf_counter() - start
+            out(
+                f"cohort.{name}.load_s {load_s:.1f} s  # "
+                + " ".join(f"{k}={v}" for k, v in counts.items())
+            )
+        chosen = args.queries.split(",") if args.queries else [*QUERIES, "example_csv_all_rows"]
+        for query_name in chosen:
+            if query_name == "example_csv_all_rows":
+                continue
+            query = QUERIES[query_name]
+            if args.explain:
+                explain(archive, query, out)
             times, result = timed(lambda q=query: find_cohort(archive, q), args.runs)
             c = result.counts
             out(f"cohort.{name}.{query_name}.median_ms {statistics.median(times):.1f} ms  # "
                 f"p90 {pctl(times, 0.9):.1f} ms; {c.patients} patients, {c.studies} studies, "
                 f"{c.series} series, {c.instances} instances; {len(result.rows)} rows returned")  # fmt: skip
-        full = {k: v for k, v in EXAMPLE.items() if k != "limit"}
-        times, result = timed(lambda: find_cohort(archive, full).to_csv(), max(3, args.runs // 3))
-        out(f"cohort.{name}.example_csv_all_rows.median_ms {statistics.median(times):.1f} ms  # "
-            f"p90 {pctl(times, 0.9):.1f} ms; {len(result.splitlines()) - 1} rows")  # fmt: skip
+        if "example_csv_all_rows" in chosen:
+            full = {k: v for k, v in EXAMPLE.items() if k != "limit"}
+            times, result = timed(
+                lambda: find_cohort(archive, full).to_csv(), max(3, args.runs // 3)
+            )
+            out(f"cohort.{name}.example_csv_all_rows.median_ms {statistics.median(times):.1f} ms  # "
+                f"p90 {pctl(times, 0.9):.1f} ms; {len(result.splitlines()) - 1} rows")  # fmt: skip
     finally:
         archive.close()
 
@@ -444,7 +499,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--sqlite-file", type=Path, help="SQLite index file to build once and keep (reused)"
+    )
+    parser.add_argument("--pg-database", help="PostgreSQL database to build once and keep (reused)")
+    parser.add_argument(
+        "--queries",
+        help=f"comma-separated queries to time (default all): {', '.join(QUERIES)}, "
+        "example_csv_all_rows",
+    )
+    parser.add_argument("--explain", action="store_true", help="print each query's plans")
     args = parser.parse_args()
+    unknown = set((args.queries or "").split(",")) - {"", *QUERIES, "example_csv_all_rows"}
+    if unknown:
+        parser.error(f"unknown queries: {', '.join(sorted(unknown))}")
     sink = io.StringIO()
 
     def out(line: str) -> None:
@@ -459,11 +527,16 @@ def main() -> None:
             import sqlite3
 
             out(f"# SQLite {sqlite3.sqlite_version}")
-            run_backend("sqlite", sqlite_url(folder), folder, args, out)
+            if args.sqlite_file:
+                args.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+                url = f"sqlite:///{args.sqlite_file.resolve()}"
+            else:
+                url = sqlite_url(folder)
+            run_backend("sqlite", url, folder, args, out)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if args.db in ("postgresql", "both"):
-        url, drop = pg_database(args.pg_url)
+        url, drop = pg_database(args.pg_url, args.pg_database)
         folder = Path(tempfile.mkdtemp(prefix="medlake-cohort-pg-"))
         try:
             out("# PostgreSQL " + url.split("@")[-1])

@@ -132,7 +132,7 @@ NOTES: dict[str, str] = {
     "dimse_tls_port": "The TLS port serves the same AE, services and calling-AE rules as "
     "dimse_port and runs beside it (`medlake serve` and `medlake dimse` start DIMSE only when "
     "dimse_port is not 0). See the "
-    "[conformance statement](conformance-statement.md#security-profiles).",
+    "[conformance statement](conformance-statement.md#91-security-profiles).",
     "workspace": "Changing it (or `dicom_service`) on an existing archive moves no files: "
     "the index keeps the key each instance was written under, and new instances go "
     "under the new prefix.",

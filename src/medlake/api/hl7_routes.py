@@ -69,7 +69,7 @@ async def read_messages(request: Request, archive: ArchiveDep) -> JSONResponse:
 
 
 def _message_id(value: str) -> int:
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise InvalidInput(f"a message id is a number, not {value!r}")
     return int(value)
 

@@ -23,10 +23,6 @@ from medlake.ingest.store import ReceivedFile
 #: The first bytes of each part are kept in memory: the DICOM header is parsed from them
 #: without opening the staged file again.
 HEAD_BYTES = 64 << 10
-#: Write buffer of a staging file: a typical instance reaches the disk in one write(2).
-#: Every system call lets the event loop's thread lose the GIL to the server's other
-#: threads, and getting it back took longer than the write itself.
-WRITE_BUFFER = 1 << 20
 
 
 class StagedPart:
@@ -38,7 +34,7 @@ class StagedPart:
 
     def __init__(self, folder: Path, *, hashed: bool = False) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
-        self.file: BinaryIO = self.path.open("wb", buffering=WRITE_BUFFER)
+        self.file: BinaryIO = self.path.open("wb")
         self.size = 0
         self.headers: dict[str, str] = {}
         self.head = bytearray()

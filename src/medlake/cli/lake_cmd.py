@@ -40,7 +40,10 @@ def decrypt(
         keys = KeyFile(path)
         folder = Path(source)
         if "://" not in source and folder.is_dir():
-            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            # Hidden *.part files are writes in flight, not lake files.
+            files = sorted(
+                p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".part")
+            )
             encrypted = sum(decrypt_file(p, out / p.relative_to(folder), keys) for p in files)
             console.print(f"{len(files)} files written under {out} ({encrypted} were encrypted)")
             return

@@ -175,12 +175,12 @@ class StoreAudit:
                 for study, count in _studies_of(conn, self.rules.partition, stored).items():
                     append_audit(conn, _record(
                         self.rules, event, Action.DICOM_STORE, entity={"study": study},
-                        request=request, detail=f"{count} instances stored",
+                        request=request, detail=f"instances stored: {count}",
                     ))  # fmt: skip
                 if failed:
                     append_audit(conn, _record(
                         self.rules, event, Action.DICOM_STORE, outcome=Outcome.MINOR_FAILURE,
-                        request=request, detail=f"{failed} instances not stored",
+                        request=request, detail=f"instances not stored: {failed}",
                     ))  # fmt: skip
                 if refused:
                     append_audit(conn, _record(

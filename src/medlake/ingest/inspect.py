@@ -147,8 +147,8 @@ def _inspect_here(path: Path, head: bytes | None, sha256: str | None, durable: b
     C-STORE waits for all of it, so the time saved is latency of every instance).
 
     fsync holds no GIL; the flush thread gets to call it as soon as this thread next
-    releases the GIL, which hashing (reading and hashing the file) and the parse's
-    ``stat`` do first thing.
+    releases the GIL, which the parse's ``stat`` (or reading the file to hash it, when
+    its hash is not known yet) does first thing.
     """
     if not durable:
         return inspect_file(path, head, sha256, keep_dataset=True)

@@ -87,7 +87,8 @@ class BlobStore(ABC):
         """Every key under ``prefix`` (recursive)."""
 
     def local_path(self, key: str) -> Path | None:
-        """A filesystem path for zero-copy reads, when the backend has one."""
+        """A filesystem path for zero-copy reads, when the backend has one (an
+        encrypting store has none: its files are ciphertext, read through ``open``)."""
         return None
 
     def set_tier(self, key: str, tier: Tier) -> None:  # noqa: B027 - optional capability
