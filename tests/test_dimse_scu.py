@@ -337,11 +337,12 @@ def _port_closed(port: int) -> bool:
 def test_serve_and_dimse_run_the_scp_and_stop_it(command: str, tmp_path: Path, db_url: str) -> None:
     script = Path(sys.executable).with_name("medlake")
     dimse_port = free_port()
+    http_port = free_port()
     args = [str(script), command, "--data", str(tmp_path / "data")]
     if command == "serve":
         args += [
             "--http-port",
-            str(free_port()),
+            str(http_port),
             "--dimse-port",
             str(dimse_port),
             "--insecure-no-auth",
@@ -352,6 +353,10 @@ def test_serve_and_dimse_run_the_scp_and_stop_it(command: str, tmp_path: Path, d
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(dimse_port, process)
+        if command == "serve":
+            # Ctrl-C is the HTTP server's to handle once it listens; before that it
+            # interrupts start-up like any program's (exit 130).
+            _wait_for_port(http_port, process)
         echo = run_dcmtk("echoscu", "-aec", "MEDLAKE", "127.0.0.1", str(dimse_port))
         assert echo.returncode == 0, output(echo)
     finally:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -89,7 +93,6 @@ def serve(
     C-STORE, C-FIND, C-MOVE, C-GET) on dimse_port, unless it is 0; HL7 v2 over MLLP on
     mllp_port, unless it is 0.
     """
-    import uvicorn
 
     from medlake.api.http_server import server_config
     from medlake.api.metrics import metrics_of
@@ -128,12 +131,38 @@ def serve(
     hl7 = hl7_cmd.start_mllp(archive, settings)  # listener and mapper threads, beside uvicorn
     try:
         # httptools with medlake's limit on request heads (414 / 431); uvloop when installed
-        uvicorn.Server(server_config(web_app, settings)).run()
+        _server_stopped_by_signal(server_config(web_app, settings)).run()
     finally:
         if scp is not None:
             scp.stop()
         if hl7 is not None:
             hl7.stop()
+
+
+def _server_stopped_by_signal(config: Any) -> Any:
+    """uvicorn's server, except that Ctrl-C / SIGTERM makes ``run()`` return normally.
+
+    uvicorn (0.29+) raises the signal again once it has shut down, which ends the
+    process right there (exit 130, or killed by SIGTERM) before ``medlake serve`` has
+    stopped its DIMSE and MLLP listeners. Here the signal only stops the server.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
 
 
 @app.command("ls")
