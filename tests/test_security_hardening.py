@@ -45,6 +45,8 @@ TRAVERSALS = [
     "%00",
     "a%2Fb",
     "..%00",
+    "p" * 100,  # longer than any name column (PostgreSQL refuses it, SQLite does not)
+    "%E1%B9%B0%CC%BA%CC%95o%CD%9E",  # combining characters
 ]
 
 #: (method, path with {x} where the hostile value goes); a body is sent with POST / PUT.

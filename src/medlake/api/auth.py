@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from medlake.errors import MedlakeError
+from medlake.errors import InvalidInput, MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.security.audit import (
     ACCESS_DENIED,
@@ -44,7 +44,7 @@ from medlake.security.jwt_verify import JwtVerifier, OidcConfig
 from medlake.security.policy import Action, Decision, authorize
 from medlake.security.principals import INSECURE_PRINCIPAL, Principal, stored_grants
 from medlake.security.tokens import authenticate_token, looks_like_api_token
-from medlake.types import DEFAULT_PARTITION
+from medlake.types import DEFAULT_PARTITION, check_partition
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,18 @@ def _entity(matched: _Matched, query_string: str, action: Action) -> dict[str, s
     return entity
 
 
+def _recorded_partition(partition: str | None) -> str | None:
+    """The partition an audit record names: what the request gave when it is a partition
+    name, else none (the route answers 400; the record's request line keeps the value,
+    which may be longer than the partition column)."""
+    if partition is None:
+        return None
+    try:
+        return check_partition(partition)
+    except InvalidInput:
+        return None
+
+
 def _outcome(status: int) -> Outcome:
     if status < 400:
         return Outcome.SUCCESS
@@ -469,7 +481,7 @@ class AccessControl:
             actor_kind=principal.kind.value if principal else "none",
             actor_name=principal.display_name if principal else None,
             source_address=client[0] if client else None,
-            partition=partition,
+            partition=_recorded_partition(partition),
             entity=entity,
             request=request,
             outcome=outcome,

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
 from medlake.dicomweb.retrieve import retrieve as locate_for_retrieve
@@ -113,9 +114,7 @@ def dimse(
 ) -> None:
     """Run the DIMSE SCP alone (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) until Ctrl-C."""
     settings = load_settings(data=data, dimse_host=host, dimse_port=port, ae_title=ae_title)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     _quiet_pynetdicom(settings)
     archive = Archive.open(settings)
     try:

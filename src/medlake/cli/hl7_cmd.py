@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import signal
 import threading
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.clinical.hl7 import (
     STATUSES,
@@ -92,9 +92,7 @@ def mllp(
 ) -> None:
     """Run the HL7 v2 MLLP listener (and the FHIR mapper) alone until Ctrl-C."""
     settings = load_settings(data=data, mllp_host=host, mllp_port=port)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     archive = Archive.open(settings)
     service = _start(archive, settings)
     stop = threading.Event()

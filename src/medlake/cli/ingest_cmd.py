@@ -3,7 +3,6 @@ the command line of the ingest pipeline (``medlake.ingest``)."""
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.clinical.bulk_import import import_files
 from medlake.config import Settings, load_settings
@@ -290,8 +290,8 @@ def watch(
     workers: WorkersOption = None,
 ) -> None:
     """Ingest files as they land in a drop zone, until Ctrl-C."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     archive = _open(data)
+    configure_logging(archive.settings)
     events = EventHub()
 
     def report(event: IngestEvent) -> None:
