@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from medlake.clinical import bulk_import
 from medlake.clinical.bulk_jobs import JobContext, JobStatus, _claim, _run, get_job, run_job_here
-from medlake.clinical.store import read_resource, update_resource
+from medlake.clinical.store import update_resource
 from medlake.config import Settings
 from medlake.index.schema import ingest_errors
 from medlake.ingest.archive import Archive
@@ -476,20 +476,27 @@ def test_import_again_changes_nothing(client: TestClient, settings: Settings) ->
     assert history["total"] == 1
 
 
-def test_export_output_imports_into_another_partition(
+def test_export_output_imports_only_into_its_own_partition(
     client: TestClient, populated: None, archive: Archive
 ) -> None:
+    """An export's files import back into their partition; another partition's
+    $import cannot read them (a job id would otherwise open one partition's data to
+    anyone who may import into another)."""
     export = wait_done(client, kick_off(client, "/fhir/$export?_type=Patient,Observation")).json()
     inputs = [(item["type"], item["url"]) for item in export["output"]]
 
-    manifest = run_import(client, import_body(*inputs), root="/fhir/partitions/copy")
+    elsewhere = client.post(
+        "/fhir/partitions/copy/$import",
+        content=import_body(*inputs),
+        headers={**KICKOFF, **FHIR_JSON},
+    )
+    assert elsewhere.status_code == 400
+    assert "no such bulk data job" in elsewhere.text
+    assert client.get("/fhir/partitions/copy/Observation/o-p3-2").status_code == 404
 
+    manifest = run_import(client, import_body(*inputs))
     assert sum(item["count"] for item in manifest["output"]) == 13
     assert manifest["error"] == []
-    copied = read_resource(archive, "Observation", "o-p3-2", partition="copy").resource() or {}
-    original = client.get("/fhir/Observation/o-p3-2").json()
-    assert copied["valueQuantity"] == original["valueQuantity"]
-    assert copied["subject"] == {"reference": "Patient/p3"}
 
 
 def test_import_refuses_inputs_it_may_not_read(

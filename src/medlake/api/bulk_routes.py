@@ -158,7 +158,11 @@ async def import_kickoff(request: Request) -> Response:
     body = await _body(request)
     archive = _archive(request)
     parsed = await run_in_threadpool(
-        parse_import_parameters, archive, body, base_url=_base_url(request)
+        parse_import_parameters,
+        archive,
+        body,
+        base_url=_base_url(request),
+        partition=_partition(request),
     )
     job = await run_in_threadpool(
         start_import, archive, parsed, partition=_partition(request), kickoff_url=str(request.url)

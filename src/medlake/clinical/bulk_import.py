@@ -148,21 +148,28 @@ class ImportRequest:
 
 
 def resolve_input(
-    archive: Archive, url: str, resource_type: str | None, *, base_url: str | None = None
+    archive: Archive,
+    url: str,
+    resource_type: str | None,
+    *,
+    partition: str,
+    base_url: str | None = None,
 ) -> ImportInput:
     """Where an ``$import`` input URL is read from; 400 for one medlake may not read.
 
     Accepted: a download URL of one of this server's bulk data files (``base_url``, the
-    FHIR base the request came to, names the server), a URL or path under the lake's
-    root, and a ``file://`` URL under ``fhir_import_root``.
+    FHIR base the request came to, names the server) and a URL or path under the lake's
+    root, both only of the clinical area of ``partition`` (what may be imported into a
+    partition is what its readers may read already); and a ``file://`` URL under
+    ``fhir_import_root``.
     """
     if resource_type is not None and resource_type not in RESOURCE_TYPES:
         raise InvalidInput(f"input type {resource_type!r} is not a FHIR R4 resource type")
     if base_url is not None:
-        key = _bulk_file_key(archive, url, base_url)
+        key = _bulk_file_key(archive, url, base_url, partition)
         if key is not None:
             return ImportInput(resource_type, url, key=key)
-    lake_key = _lake_key(archive, url)
+    lake_key = _lake_key(archive, url, partition)
     if lake_key is not None:
         return ImportInput(resource_type, url, key=lake_key)
     parts = urlsplit(url)
@@ -183,9 +190,9 @@ def resolve_input(
     )
 
 
-def _bulk_file_key(archive: Archive, url: str, base_url: str) -> str | None:
-    """The lake key of one of this server's bulk data file URLs (of any partition:
-    ``{server}/fhir[/partitions/{p}]/$bulk-file/{job}/{name}``)."""
+def _bulk_file_key(archive: Archive, url: str, base_url: str, partition: str) -> str | None:
+    """The lake key of one of this server's bulk data file URLs
+    (``{server}/fhir[/partitions/{p}]/$bulk-file/{job}/{name}``) of a job of ``partition``."""
     server = urlsplit(base_url)
     parts = urlsplit(url)
     marker = f"/{BULK_FILE_SEGMENT}/"
@@ -197,14 +204,17 @@ def _bulk_file_key(archive: Archive, url: str, base_url: str) -> str | None:
             job = read_job(conn, job_id)
         except NotFound:
             raise InvalidInput(f"input {url}: no such bulk data job") from None
+    if job.partition != partition:
+        # Said like a missing job: a job id of another partition tells nothing about it.
+        raise InvalidInput(f"input {url}: no such bulk data job")
     if name not in {f.name for f in (*job.output, *job.errors)}:
         raise InvalidInput(f"input {url}: bulk data job {job_id} has no such file")
     return archive.layout.bulk_job_file_key(job.partition, job.kind.value, job.id, name)
 
 
-def _lake_key(archive: Archive, url: str) -> str | None:
+def _lake_key(archive: Archive, url: str, partition: str) -> str | None:
     """The key of a URL (or local path) under the lake's root, if it is one; the key
-    must name an existing blob under ``medlake/``."""
+    must name an existing blob in the clinical area of ``partition``."""
     root = archive.settings.resolved_lake_url.rstrip("/")
     candidates = [url]
     if url.startswith("file://"):
@@ -212,15 +222,18 @@ def _lake_key(archive: Archive, url: str) -> str | None:
     for candidate in candidates:
         if candidate.startswith(root + "/"):
             key = candidate[len(root) + 1 :]
-            if ".." in key.split("/") or not key.startswith("medlake/"):
-                raise InvalidInput(f"input {url} is not a file of the lake")
+            area = f"{archive.layout.clinical_root(partition)}/"
+            if ".." in key.split("/") or not key.startswith(area):
+                raise InvalidInput(f"input {url} is not a file of the clinical area {area}")
             if not archive.blobs.exists(key):
                 raise InvalidInput(f"input {url}: no such file in the lake")
             return key
     return None
 
 
-def parse_import_parameters(archive: Archive, body: Any, *, base_url: str) -> ImportRequest:
+def parse_import_parameters(
+    archive: Archive, body: Any, *, base_url: str, partition: str
+) -> ImportRequest:
     """The ``Parameters`` resource of a ``$import`` kick-off: ``inputFormat``
     (``application/fhir+ndjson``), and ``input`` parts of ``type`` and ``url`` each."""
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
@@ -239,7 +252,7 @@ def parse_import_parameters(archive: Archive, body: Any, *, base_url: str) -> Im
                 raise InvalidInput(f"Parameters.parameter[{index}] (input) has no type part")
             url = _primitive(parts["url"], index)
             kind = _primitive(parts["type"], index)
-            inputs.append(resolve_input(archive, url, kind, base_url=base_url))
+            inputs.append(resolve_input(archive, url, kind, partition=partition, base_url=base_url))
         elif name in ("inputSource", "mode", "storageDetail"):
             continue  # informational (inputSource) or irrelevant to medlake's one mode
         else:

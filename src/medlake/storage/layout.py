@@ -66,9 +66,13 @@ class LakeLayout:
         """Folder the server writes its health-check file into."""
         return f"{self.dicom_root}/{HEALTH_CHECK_FOLDER}"
 
+    def clinical_root(self, store: str) -> str:
+        """Folder of everything clinical of one store (a partition, or ``imports``)."""
+        return f"medlake/{self.workspace}/clinical/{store}"
+
     def clinical_prefix(self, store: str, resource_type: str) -> str:
         """Folder of NDJSON files of one clinical resource type."""
-        return f"medlake/{self.workspace}/clinical/{store}/{resource_type}"
+        return f"{self.clinical_root(store)}/{resource_type}"
 
     def clinical_import_key(self, table: str, sha256: str, suffix: str) -> str:
         """A clinical file (CSV / NDJSON) exactly as it was ingested, named by its SHA-256."""
@@ -80,7 +84,7 @@ class LakeLayout:
             raise ValueError(f"bulk data job kind {kind!r} is not one of {BULK_JOB_KINDS}")
         if not _BULK_NAME.match(job_id):
             raise ValueError(f"bulk data job id {job_id!r} is not a valid folder name")
-        return f"medlake/{self.workspace}/clinical/{check_partition(store)}/{kind}/{job_id}"
+        return f"{self.clinical_root(check_partition(store))}/{kind}/{job_id}"
 
     def bulk_job_file_key(self, store: str, kind: str, job_id: str, name: str) -> str:
         """One NDJSON file of a bulk data job: ``{ResourceType}-{n}.ndjson`` of an
