@@ -24,13 +24,17 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     Connection,
     DateTime,
     FromClause,
+    Select,
     and_,
     exists,
     false,
@@ -225,6 +229,21 @@ def _shifted(column: ColumnElement[Any], *, years: int = 0, days: int = 0) -> Co
 
 
 # --- compiling the criteria ---------------------------------------------------------------
+#
+# Two forms, chosen so that neither database needs good row estimates to run a query well
+# (PostgreSQL takes resource_type, param and token_code for independent columns and
+# estimates one row for a clinical subquery; with nested loops on that estimate the
+# example query read 252 million rows):
+#
+# - *sets*: a clinical criterion becomes the patient keys (or, with a time window, the
+#   studies) it holds for, computed once for the whole statement from the one index
+#   range that every matching resource is in (the code, or the code and value pair),
+#   as a common table expression that PostgreSQL must materialise; the rows of the
+#   query are then tested by ``IN``, a hash lookup.
+# - *per row*: time windows and demographics next to criteria that narrow the rows
+#   (imaging, clinical sets) are tested for each remaining row only, from that patient's
+#   own resources: the example's window then looks at 2,700 patients' Observations
+#   instead of every HbA1c of the archive.
 
 
 @dataclass
@@ -233,6 +252,8 @@ class _Scope:
 
     partition_pk: int
     builder: CriteriaBuilder
+    #: ``sqlite`` or ``postgresql``.
+    dialect: str
     #: The patient key of the row (``study_patients.patient_id`` or ``patients.id``).
     patient: ColumnElement[Any]
     #: The study row and its date (None when evaluated per patient).
@@ -241,14 +262,46 @@ class _Scope:
     #: The series row (level ``series`` only).
     series: FromClause | None
     today: dt.date
+    #: Numbers the common table expressions of the statement.
+    names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+
+def _once(query: Select[Any], scope: _Scope, name: str) -> CTE:
+    """``query`` as a common table expression computed once per statement."""
+    cte = query.cte(f"{name}_{next(scope.names)}")
+    # PostgreSQL would otherwise fold it into the outer query and plan both together.
+    return cte.prefix_with("MATERIALIZED", dialect="postgresql")
+
+
+def _per_row(query: Select[Any], scope: _Scope) -> Clause:
+    """``EXISTS (query)``, evaluated for each row that reaches it. PostgreSQL turns a
+    plain EXISTS into a join and may then compute it for every patient of the archive;
+    OFFSET 0 keeps it a subplan run per row (SQLite runs it per row anyway)."""
+    if scope.dialect == "postgresql":
+        query = query.offset(0)
+    return exists(query)
+
+
+def _top_level(where: Criterion) -> tuple[list[Criterion], list[Criterion]]:
+    """The items of the outermost ``all`` split into (narrowing, per row): time windows
+    and demographics are checked per row when something else narrows the rows first."""
+    items: list[Criterion] = list(where.items) if isinstance(where, AllOf) else [where]
+    late = [item for item in items if _checked_per_row(item)]
+    early = [item for item in items if not _checked_per_row(item)]
+    if not early:
+        return items, []
+    return early, late
+
+
+def _checked_per_row(criterion: Criterion) -> bool:
+    if isinstance(criterion, ClinicalCriterion):
+        return criterion.within is not None
+    return isinstance(criterion, PatientCriterion)
 
 
 def _compile(criterion: Criterion, scope: _Scope) -> Clause:
     if isinstance(criterion, AllOf):
-        # Cheap conditions first: SQLite tests the terms of an AND in the order given, so
-        # the per-study EXISTS of a time window only runs for rows that passed the rest.
-        items = sorted(criterion.items, key=_cost)
-        return and_(*(_compile(item, scope) for item in items))
+        return and_(*(_compile(item, scope) for item in criterion.items))
     if isinstance(criterion, AnyOf):
         return or_(*(_compile(item, scope) for item in criterion.items))
     if isinstance(criterion, Not):
@@ -262,17 +315,11 @@ def _compile(criterion: Criterion, scope: _Scope) -> Clause:
     return _series(criterion, scope)
 
 
-def _cost(criterion: Criterion) -> int:
-    """A rough rank of how much a criterion costs per row (lower runs first)."""
-    if isinstance(criterion, StudyCriterion | SeriesCriterion):
-        return 0
-    if isinstance(criterion, ClinicalCriterion) and criterion.within is not None:
-        return 3
-    if isinstance(criterion, PatientCriterion):
-        return 3
-    if isinstance(criterion, AllOf | AnyOf | Not):
-        return 2
-    return 1
+def _compile_per_row(criterion: Criterion, scope: _Scope) -> Clause:
+    """A criterion of :func:`_top_level`'s second list."""
+    if isinstance(criterion, ClinicalCriterion):
+        return _clinical_in_window(criterion, scope)
+    return _compile(criterion, scope)
 
 
 def _search(
@@ -296,83 +343,155 @@ def _reference_param(resource_type: str) -> str:
     return "patient" if "patient" in parameters_of(resource_type) else "subject"
 
 
-def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
-    kind = c.resource
-    r = fhir_resources.alias()
-    subject = fhir_search_values.alias()
-    record = patient_records.alias()
-    conditions: list[Clause] = [
-        r.c.partition_id == scope.partition_pk,
-        r.c.resource_type == kind,
-        r.c.deleted.is_(False),
-    ]
-    driver: list[Clause] = []
-    if c.codes:
-        codes = [_code_of(token) for token in c.codes]
-        if all(codes):
-            # Drives the uncorrelated form from the code's index entries instead of every
-            # resource of the type; the search criterion keeps the exact token semantics.
-            hint = fhir_search_values.alias()
-            driver.append(
-                r.c.id.in_(
-                    select(hint.c.resource_id).where(
-                        hint.c.resource_type == kind,
-                        hint.c.param == "code",
-                        hint.c.token_code.in_(codes),
-                    )
-                )
-            )
-        conditions.append(_search(scope, f"{c.path}.code", r, kind, "code", ",".join(c.codes)))
-    for op, number in c.value:
-        value = f"{op}{number}"
-        if c.unit or c.unit_system:
-            value += f"|{_escape(c.unit_system or '')}|{_escape(c.unit or '')}"
-        conditions.append(_search(scope, f"{c.path}.value", r, kind, "value-quantity", value))
-    if c.date is not None:
-        assert c.date_param is not None
-        for op, text in c.date.comparisons:
-            conditions.append(_search(scope, f"{c.path}.date", r, kind, c.date_param, op + text))
-    for key, value in c.search:
-        conditions.append(_search(scope, f"{c.path}.search", r, kind, key, value))
-    joined = r.join(
-        subject,
-        and_(
-            subject.c.resource_id == r.c.id,
-            subject.c.resource_type == kind,
-            subject.c.param == _reference_param(kind),
-            subject.c.ref_type == "Patient",
-        ),
-    ).join(
-        record,
-        and_(record.c.partition_id == scope.partition_pk, record.c.fhir_id == subject.c.ref_id),
+#: The composite search parameter pairing a resource's ``code`` with its ``value-quantity``.
+_CODE_VALUE = "code-value-quantity"
+
+
+def _pairs_code_and_value(resource_type: str) -> bool:
+    """Whether ``code-value-quantity`` of the type pairs exactly its ``code`` and
+    ``value-quantity`` values (Observation). A resource has one value, so "a code of
+    the list and a value in range" is then "a (code, value) pair with both", one index
+    row instead of two lookups per resource."""
+    params = parameters_of(resource_type)
+    pair, code, value = params.get(_CODE_VALUE), params.get("code"), params.get("value-quantity")
+    if pair is None or code is None or value is None or len(pair.components) != 2:
+        return False
+    first, second = pair.components
+    return (
+        all(not path.steps for path in pair.paths)
+        and first.paths == code.paths
+        and second.paths == value.paths
     )
+
+
+def _escape_composite(token: str) -> str:
+    """A token as the first part of a composite value: ``$`` separates the parts."""
+    out, escaped = [], False
+    for char in token:
+        if char == "$" and not escaped:
+            out.append("\\")
+        out.append(char)
+        escaped = char == "\\" and not escaped
+    return "".join(out)
+
+
+def _quantity(c: ClinicalCriterion, op: Comparator, number: str) -> str:
+    """One ``value`` comparison as a FHIR quantity search value."""
+    value = f"{op}{number}"
+    if c.unit or c.unit_system:
+        value += f"|{_escape(c.unit_system or '')}|{_escape(c.unit or '')}"
+    return value
+
+
+def _driver(c: ClinicalCriterion) -> tuple[Select[Any], bool] | None:
+    """The ids of the resources matching ``c``'s code and value, read from one index
+    range of ``fhir_search_values``, and whether they are exactly those (True) or a
+    superset that the FHIR search conditions must still check; None when no index
+    narrows the type's resources."""
+    kind = c.resource
+    v = fhir_search_values.alias("driver")
+    codes = [_code_of(token) for token in c.codes]
+    try:
+        if codes and all(codes):
+            # A resource matches the codes when one of its code rows matches a token.
+            if c.value and _pairs_code_and_value(kind):
+                tokens = [_token_clause(v, token, "", qualifier=True) for token in c.codes]
+                values = [_quantity_clause(v, _quantity(c, op, n)) for op, n in c.value]
+                where = [v.c.param == _CODE_VALUE, v.c.qualifier_code.in_(codes), *values]
+            else:
+                tokens = [_token_clause(v, token, "") for token in c.codes]
+                where = [v.c.param == "code", v.c.token_code.in_(codes)]
+                if c.value:  # the value is checked on another row
+                    query = select(v.c.resource_id).where(v.c.resource_type == kind, *where)
+                    return query.where(or_(*tokens)), False
+            query = select(v.c.resource_id).where(v.c.resource_type == kind, *where)
+            return query.where(or_(*tokens)), True
+    except InvalidInput as exc:
+        raise InvalidCohortQuery(f"{c.path}: {exc.message}") from exc
+    ranges = [(op, n) for op, n in c.value if op in ("gt", "ge", "lt", "le")]
+    if ranges:
+        op, number = ranges[0]
+        value = _quantity_clause(v, _quantity(c, op, number))
+        where = [v.c.resource_type == kind, v.c.param == "value-quantity", value]
+        return select(v.c.resource_id).where(*where), False
+    return None
+
+
+def _window_days(c: ClinicalCriterion) -> tuple[int, int]:
+    """The window as days from the study date: first day, and the day after the last."""
+    assert c.within is not None
+    days = c.within.days
+    return {
+        "before": (-days, 1),
+        "after": (0, days + 1),
+        "around": (-days, days + 1),
+    }[c.within.relation]
+
+
+def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
+    """The set form: the patient keys the criterion holds for (with a window: the
+    studies), computed once."""
+    found = _resources(c, scope)
+    r, record = found.resource, found.record
+    conditions = list(found.conditions)
+    driver = _driver(c)
+    if driver is not None:
+        ids = _once(driver, scope, "index_rows")
+        conditions.append(r.c.id.in_(select(ids.c.resource_id)))
     if c.within is None:
-        keys = select(record.c.patient_id).select_from(joined).where(*driver, *conditions)
-        return scope.patient.in_(keys)
+        keys = select(record.c.patient_id).select_from(found.joined).where(*conditions)
+        matched = _once(keys, scope, "patients")
+        return scope.patient.in_(select(matched.c.patient_id))
+    if scope.study is None or scope.study_day is None:
+        raise InvalidCohortQuery(f"{c.path}.within: needs a study")
+    when = fhir_search_values.alias("event_date")
+    dated = found.joined.join(
+        when, and_(when.c.resource_id == r.c.id, when.c.param == c.date_param)
+    )
+    events = _once(
+        select(record.c.patient_id, when.c.date_low).select_from(dated).where(*conditions),
+        scope,
+        "events",
+    )
+    low, high = _window_days(c)
+    linked = study_patients.alias("linked")
+    near = (
+        select(linked.c.study_id)
+        .select_from(linked.join(events, events.c.patient_id == linked.c.patient_id))
+        .where(
+            linked.c.partition_id == scope.partition_pk,
+            events.c.date_low >= _shifted(linked.c.study_date, days=low),
+            events.c.date_low < _shifted(linked.c.study_date, days=high),
+        )
+    )
+    return scope.study.c.id.in_(near)
+
+
+def _clinical_in_window(c: ClinicalCriterion, scope: _Scope) -> Clause:
+    """The per-row form of a time window: the row's patient has a matching resource
+    dated within the window around the row's study."""
     if scope.study_day is None:
         raise InvalidCohortQuery(f"{c.path}.within: needs a study")
-    low_days, high_days = {
-        "before": (-c.within.days, 1),
-        "after": (0, c.within.days + 1),
-        "around": (-c.within.days, c.within.days + 1),
-    }[c.within.relation]
-    when = fhir_search_values.alias()
+    found = _resources(c, scope)
+    low, high = _window_days(c)
+    when = fhir_search_values.alias("event_date")
     in_window = exists(
         select(literal(1))
         .where(
-            when.c.resource_id == r.c.id,
+            when.c.resource_id == found.resource.c.id,
             when.c.param == c.date_param,
-            when.c.date_low >= _shifted(scope.study_day, days=low_days),
-            when.c.date_low < _shifted(scope.study_day, days=high_days),
+            when.c.date_low >= _shifted(scope.study_day, days=low),
+            when.c.date_low < _shifted(scope.study_day, days=high),
         )
         .correlate_except(when)  # the study's row is two queries out: name it correlated
     )
-    # Correlated with the row's patient and study: from the patient's own resources of
-    # the type (reference index), each checked against the criteria and the window.
-    return exists(
+    # From the patient's own resources of the type (reference index), each checked
+    # against the criteria and the window.
+    return _per_row(
         select(literal(1))
-        .select_from(joined)
-        .where(record.c.patient_id == scope.patient, in_window, *conditions)
+        .select_from(found.joined)
+        .where(found.record.c.patient_id == scope.patient, in_window, *found.conditions),
+        scope,
     )
 
 
@@ -440,16 +559,18 @@ def _patient(c: PatientCriterion, scope: _Scope) -> Clause:
     # Correlated: demographics rarely narrow much (half the patients are women), so they
     # are checked on the rows the other criteria left, from the patient's own records.
     if not at_study:
-        return exists(
+        return _per_row(
             select(literal(1))
             .select_from(joined)
-            .where(record.c.patient_id == scope.patient, *conditions)
+            .where(record.c.patient_id == scope.patient, *conditions),
+            scope,
         )
-    return exists(
+    return _per_row(
         select(literal(1))
         .select_from(joined.join(born, and_(born.c.resource_id == person.c.id,
                                             born.c.param == "birthdate")))
-        .where(record.c.patient_id == scope.patient, *conditions, *at_study)
+        .where(record.c.patient_id == scope.patient, *conditions, *at_study),
+        scope,
     )  # fmt: skip
 
 
@@ -607,23 +728,35 @@ def _by_study(
     conn: Connection, query: CohortQuery, partition_pk: int, builder: CriteriaBuilder, root: str
 ) -> CohortResult:
     st, sp, p = studies, study_patients, patients
-    joined = st.join(sp, sp.c.study_id == st.c.id).join(p, p.c.id == sp.c.patient_id)
+    linked = st.join(sp, sp.c.study_id == st.c.id)
     se = series.alias() if query.level == "series" else None
     if se is not None:
-        joined = joined.join(se, se.c.study_id == st.c.id)
-    scope = _Scope(partition_pk, builder, sp.c.patient_id, st, sp.c.study_date, se,
-                   dt.datetime.now(dt.UTC).date())  # fmt: skip
-    where = [st.c.partition_id == partition_pk]
-    if query.where is not None:
-        where.append(_compile(query.where, scope))
+        linked = linked.join(se, se.c.study_id == st.c.id)
+    scope = _Scope(partition_pk, builder, conn.dialect.name, sp.c.patient_id, st, sp.c.study_date,
+                   se, dt.datetime.now(dt.UTC).date())  # fmt: skip
+    early, late = _top_level(query.where) if query.where is not None else ([], [])
     # One evaluation of the criteria: the keys of every matching row, in output order;
     # the counts are taken from them and the page's details fetched by primary key.
     keys: list[ColumnElement[Any]] = [st.c.id, sp.c.patient_id, st.c.num_series, st.c.num_instances]
-    order = [st.c.id]
+    order: list[ColumnElement[Any]] = [st.c.id]
     if se is not None:
         keys += [se.c.id.label("series_pk"), se.c.num_instances.label("series_instances")]
         order += [se.c.series_number, se.c.id]
-    matches = conn.execute(select(*keys).select_from(joined).where(*where).order_by(*order)).all()
+    where = [st.c.partition_id == partition_pk, *(_compile(item, scope) for item in early)]
+    statement = select(*keys).select_from(linked).where(*where)
+    if late:
+        # The narrowing criteria once, then the per-row ones on the rows they left.
+        extra = [sp.c.study_date] + ([se.c.series_number] if se is not None else [])
+        candidates = _once(statement.add_columns(*extra), scope, "candidates")
+        row_scope = replace(scope, patient=candidates.c.patient_id,
+                            study_day=candidates.c.study_date, study=None, series=None)  # fmt: skip
+        statement = select(*(candidates.c[key.name] for key in keys)).where(
+            *(_compile_per_row(item, row_scope) for item in late)
+        )
+        order = [candidates.c.id]
+        if se is not None:
+            order += [candidates.c.series_number, candidates.c.series_pk]
+    matches = conn.execute(statement.order_by(*order)).all()
     study_sizes = {m.id: (m.num_series, m.num_instances) for m in matches}
     counts = CohortCounts(
         patients=len({m.patient_id for m in matches}),
@@ -659,7 +792,8 @@ def _by_study(
     else:
         chosen = [m.id for m in page]
         detail = select(*columns, st.c.id.label("pk")).where(st.c.id.in_(chosen))
-    found = {row.pk: row for row in conn.execute(detail.select_from(joined))}
+    named = linked.join(p, p.c.id == sp.c.patient_id)
+    found = {row.pk: row for row in conn.execute(detail.select_from(named))}
     out = []
     for row in (found[pk] for pk in chosen):
         study_url = f"{root}/studies/{row.study_uid}"
@@ -695,12 +829,21 @@ def _by_patient(
     conn: Connection, query: CohortQuery, partition_pk: int, builder: CriteriaBuilder
 ) -> CohortResult:
     p = patients
-    scope = _Scope(partition_pk, builder, p.c.id, None, None, None, dt.datetime.now(dt.UTC).date())
+    scope = _Scope(partition_pk, builder, conn.dialect.name, p.c.id, None, None, None,
+                   dt.datetime.now(dt.UTC).date())  # fmt: skip
+    early, late = _top_level(query.where) if query.where is not None else ([], [])
     where = [p.c.partition_id == partition_pk, p.c.merged_into.is_(None)]
-    if query.where is not None:
-        where.append(_compile(query.where, scope))
+    statement = select(p.c.id).where(*where, *(_compile(item, scope) for item in early))
+    order: ColumnElement[Any] = p.c.id
+    if late:
+        candidates = _once(statement, scope, "candidates")
+        row_scope = replace(scope, patient=candidates.c.id)
+        statement = select(candidates.c.id).where(
+            *(_compile_per_row(item, row_scope) for item in late)
+        )
+        order = candidates.c.id
     # One evaluation of the criteria: every matching key; the page and counts from them.
-    matched = list(conn.execute(select(p.c.id).where(*where).order_by(p.c.id)).scalars())
+    matched = list(conn.execute(statement.order_by(order)).scalars())
     linked = study_patients.join(studies, studies.c.id == study_patients.c.study_id)
     per_patient: dict[int, int] = dict.fromkeys(matched, 0)
     n_series = n_instances = 0
