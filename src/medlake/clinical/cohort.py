@@ -25,7 +25,7 @@ import csv
 import datetime as dt
 import io
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,7 +49,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 
-from medlake.clinical._search_sql import CriteriaBuilder
+from medlake.clinical._search_sql import CriteriaBuilder, _quantity_clause, _token_clause
 from medlake.clinical._search_values import date_range, split_escaped, unescape
 from medlake.clinical.cohort_model import (
     AllOf,
@@ -391,30 +391,87 @@ def _driver(c: ClinicalCriterion) -> tuple[Select[Any], bool] | None:
     kind = c.resource
     v = fhir_search_values.alias("driver")
     codes = [_code_of(token) for token in c.codes]
-    try:
-        if codes and all(codes):
-            # A resource matches the codes when one of its code rows matches a token.
-            if c.value and _pairs_code_and_value(kind):
+    if codes and all(codes):
+        # A resource matches the codes when one of its code rows matches a token. For
+        # Observation the (code, value) pair rows hold the value too; otherwise a value
+        # is compared on another row of the resource, by the search conditions.
+        paired = bool(c.value) and _pairs_code_and_value(kind)
+        try:
+            if paired:
                 tokens = [_token_clause(v, token, "", qualifier=True) for token in c.codes]
                 values = [_quantity_clause(v, _quantity(c, op, n)) for op, n in c.value]
                 where = [v.c.param == _CODE_VALUE, v.c.qualifier_code.in_(codes), *values]
             else:
                 tokens = [_token_clause(v, token, "") for token in c.codes]
                 where = [v.c.param == "code", v.c.token_code.in_(codes)]
-                if c.value:  # the value is checked on another row
-                    query = select(v.c.resource_id).where(v.c.resource_type == kind, *where)
-                    return query.where(or_(*tokens)), False
-            query = select(v.c.resource_id).where(v.c.resource_type == kind, *where)
-            return query.where(or_(*tokens)), True
-    except InvalidInput as exc:
-        raise InvalidCohortQuery(f"{c.path}: {exc.message}") from exc
-    ranges = [(op, n) for op, n in c.value if op in ("gt", "ge", "lt", "le")]
+        except InvalidInput as exc:
+            raise InvalidCohortQuery(f"{c.path}: {exc.message}") from exc
+        query = select(v.c.resource_id).where(v.c.resource_type == kind, *where, or_(*tokens))
+        return query, paired or not c.value
+    ranges = [(op, number) for op, number in c.value if op in ("gt", "ge", "lt", "le")]
     if ranges:
+        # Rows with the first comparison's value (and unit): every match has one.
         op, number = ranges[0]
         value = _quantity_clause(v, _quantity(c, op, number))
         where = [v.c.resource_type == kind, v.c.param == "value-quantity", value]
         return select(v.c.resource_id).where(*where), False
     return None
+
+
+@dataclass(frozen=True)
+class _Resources:
+    """A clinical criterion's resources, with the patient key each belongs to."""
+
+    resource: FromClause
+    record: FromClause
+    #: resource ⋈ its patient reference ⋈ ``patient_records``.
+    joined: FromClause
+    #: The criterion's FHIR search conditions on ``resource``.
+    conditions: list[Clause]
+
+
+def _resources(c: ClinicalCriterion, scope: _Scope, *, coded: bool = False) -> _Resources:
+    """``coded``: the resources come from an exact :func:`_driver`, so the conditions
+    leave out the code and value."""
+    kind = c.resource
+    r = fhir_resources.alias("resource")
+    subject = fhir_search_values.alias("subject")
+    record = patient_records.alias("record")
+    # Not ``deleted``: a deleted resource has no search values, so no patient reference.
+    conditions: list[Clause] = [r.c.partition_id == scope.partition_pk, r.c.resource_type == kind]
+    if coded:
+        pass
+    elif c.codes and c.value and _pairs_code_and_value(kind):
+        tokens = ",".join(_escape_composite(token) for token in c.codes)
+        for op, number in c.value:
+            pair = f"{tokens}${_quantity(c, op, number)}"
+            conditions.append(_search(scope, f"{c.path}.value", r, kind, _CODE_VALUE, pair))
+    else:
+        if c.codes:
+            codes = ",".join(c.codes)
+            conditions.append(_search(scope, f"{c.path}.code", r, kind, "code", codes))
+        for op, number in c.value:
+            value = _quantity(c, op, number)
+            conditions.append(_search(scope, f"{c.path}.value", r, kind, "value-quantity", value))
+    if c.date is not None:
+        assert c.date_param is not None
+        for op, text in c.date.comparisons:
+            conditions.append(_search(scope, f"{c.path}.date", r, kind, c.date_param, op + text))
+    for key, value in c.search:
+        conditions.append(_search(scope, f"{c.path}.search", r, kind, key, value))
+    joined = r.join(
+        subject,
+        and_(
+            subject.c.resource_id == r.c.id,
+            subject.c.resource_type == kind,
+            subject.c.param == _reference_param(kind),
+            subject.c.ref_type == "Patient",
+        ),
+    ).join(
+        record,
+        and_(record.c.partition_id == scope.partition_pk, record.c.fhir_id == subject.c.ref_id),
+    )
+    return _Resources(r, record, joined, conditions)
 
 
 def _window_days(c: ClinicalCriterion) -> tuple[int, int]:
@@ -431,12 +488,12 @@ def _window_days(c: ClinicalCriterion) -> tuple[int, int]:
 def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
     """The set form: the patient keys the criterion holds for (with a window: the
     studies), computed once."""
-    found = _resources(c, scope)
+    driver = _driver(c)
+    found = _resources(c, scope, coded=driver is not None and driver[1])
     r, record = found.resource, found.record
     conditions = list(found.conditions)
-    driver = _driver(c)
     if driver is not None:
-        ids = _once(driver, scope, "index_rows")
+        ids = _once(driver[0], scope, "index_rows")
         conditions.append(r.c.id.in_(select(ids.c.resource_id)))
     if c.within is None:
         keys = select(record.c.patient_id).select_from(found.joined).where(*conditions)
