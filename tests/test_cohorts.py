@@ -181,6 +181,67 @@ def test_boolean_combinations_and_demographics(archive: Archive, cohort: Cohort)
     assert found(young, "patients") == {cohort.patients[n] for n in set(PEOPLE) - men}
 
 
+def _found(archive: Archive, where: dict[str, Any], level: str = "studies") -> set[str]:
+    result = find_cohort(archive, {"level": level, "where": where})
+    return {row["study_uid" if level == "studies" else "patient"] for row in result.rows}
+
+
+HIGH_HBA1C_BEFORE = EXAMPLE["where"]["all"][2]
+
+
+def test_a_time_window_holds_for_the_same_studies_alone_combined_or_negated(
+    archive: Archive, cohort: Cohort
+) -> None:
+    # Alone, under "any" or "not" a window is a set of studies; next to a criterion that
+    # narrows the rows it is checked per remaining row: the same studies either way.
+    near = {"match", "90_days", "mr", "hypertension", "head", "twice"}
+    assert _found(archive, HIGH_HBA1C_BEFORE) == cohort.uids(*near)
+    ct = {"series": {"modality": "CT"}}
+    assert _found(archive, {"all": [ct, HIGH_HBA1C_BEFORE]}) == cohort.uids(*near - {"mr"})
+    later = {"study": {"date": {"ge": "2025"}}}
+    assert _found(archive, {"any": [HIGH_HBA1C_BEFORE, later]}) == cohort.uids(*near, "twice_1")
+    assert _found(archive, {"not": HIGH_HBA1C_BEFORE}) == set(cohort.studies.values()) - (
+        cohort.uids(*near)
+    )
+    # after_study's HbA1c is 5 days after its study: the study day counts as day 0.
+    after = {"resource": "Observation", "code": HBA1C, "within": {"days": 5, "after": "study"}}
+    assert _found(archive, after) == cohort.uids("after_study")
+    assert _found(archive, {"all": [ct, after]}) == cohort.uids("after_study")
+    assert _found(archive, {**after, "within": {"days": 4, "after": "study"}}) == set()
+    assert _found(archive, {"all": [ct, {**after, "within": {"days": 4, "around": "study"}}]}) == (
+        set()
+    )
+
+
+def test_codes_and_values_follow_fhir_search_semantics(archive: Archive, cohort: Cohort) -> None:
+    def people(where: dict[str, Any]) -> set[str]:
+        return _found(archive, where, "patients")
+
+    def named(*names: str) -> set[str]:
+        return {cohort.patients[n] for n in names}
+
+    # Any of the codes, every comparison, the unit by UCUM code: 8 < HbA1c < 8.5 %.
+    between = {"resource": "Observation", "code": [f"{LOINC}|{HBA1C}", f"{LOINC}|17856-6"],
+               "value": {"gt": 8, "lt": 8.5, "unit": "%"}}  # fmt: skip
+    assert people(between) == named("match", "mr", "hypertension", "head")
+    assert people({**between, "search": "status=final"}) == people(between)
+    assert people({**between, "search": "status=amended"}) == set()
+    # "gt 8" does not match 8.0; a value without a code; the unit decides.
+    assert people({"resource": "Observation", "value": {"gt": 60}}) == named("other_unit")
+    assert people({"resource": "Observation", "value": {"ge": 9, "unit": "%"}}) == (
+        named("after_study")
+    )
+    assert people({"resource": "Observation", "value": {"ge": 9, "unit": "mg/dL"}}) == set()
+    # A token "|code" names a code without a system; a code of another system is another code.
+    assert people({"resource": "Observation", "code": f"|{HBA1C}"}) == set()
+    assert people({"resource": "Observation", "code": f"http://example.org|{HBA1C}"}) == set()
+    # Demographics next to a clinical criterion (checked per remaining patient).
+    men = {n for i, n in enumerate(PEOPLE) if i % 2}
+    diabetic_men = {"all": [{"resource": "Condition", "code": f"{SNOMED}|{DIABETES}"},
+                            {"patient": {"gender": "male"}}]}  # fmt: skip
+    assert people(diabetic_men) == named(*men - {"hypertension"})
+
+
 def test_post_and_get_cohorts_answer_json_csv_and_parquet(client: Any, cohort: Cohort) -> None:
     expected = cohort.uids(*EXPECTED)
     posted = client.post("/cohorts", json=EXAMPLE)

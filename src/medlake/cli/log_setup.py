@@ -11,7 +11,8 @@ request is handled carry its id (:class:`medlake.api.request_log.RequestIdFilter
 from __future__ import annotations
 
 import logging
-from typing import Literal, TextIO
+import sys
+from typing import Any, Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -46,9 +47,24 @@ def log_formatter(log_format: LogFormat) -> logging.Formatter:
     return _TextFormatter()
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when logging
+    was configured: a caller that swaps stderr for a while (a test runner capturing a
+    command's output) must not leave logging writing into its closed stream."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+
+
 def log_handler(log_format: LogFormat, stream: TextIO | None = None) -> logging.Handler:
-    """A handler writing to ``stream`` (stderr) in ``log_format``, with request ids."""
-    handler = logging.StreamHandler(stream)
+    """A handler writing to ``stream`` (default: the current stderr) in ``log_format``,
+    with request ids."""
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(log_formatter(log_format))
     return handler

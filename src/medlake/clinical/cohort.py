@@ -9,14 +9,16 @@ otherwise, so patients without images can be found too. Criteria become SQL:
 - clinical criteria: the patient key is ``IN`` the keys of the FHIR resources that
   match (``fhir_search_values`` rows, the same FHIR search semantics as the REST API
   through :class:`~medlake.clinical._search_sql.CriteriaBuilder`), reached through
-  each resource's patient reference and ``patient_records``; a ``within`` window adds
-  an ``EXISTS`` correlated with the study's date;
+  each resource's patient reference and ``patient_records`` and computed once per
+  query from the index rows of the criterion's code (or code and value); a ``within``
+  window becomes the studies near such a resource, or, next to criteria that narrow
+  the rows first, an ``EXISTS`` on each remaining row (see "compiling the criteria");
 - demographics: the same over the patient's own Patient resources;
 - study / series criteria: columns of ``studies`` and ``series``, ``instances`` for the
   SOP Class.
 
-Counts come from a second query over the same conditions. :func:`find_cohort` is the
-Python API; ``POST /cohorts`` and ``medlake cohort`` call it.
+Counts come from the same evaluation. :func:`find_cohort` is the Python API;
+``POST /cohorts`` and ``medlake cohort`` call it.
 """
 
 from __future__ import annotations
@@ -389,7 +391,7 @@ def _driver(c: ClinicalCriterion) -> tuple[Select[Any], bool] | None:
     superset that the FHIR search conditions must still check; None when no index
     narrows the type's resources."""
     kind = c.resource
-    v = fhir_search_values.alias("driver")
+    v = fhir_search_values.alias()
     codes = [_code_of(token) for token in c.codes]
     if codes and all(codes):
         # A resource matches the codes when one of its code rows matches a token. For
@@ -430,29 +432,38 @@ class _Resources:
     conditions: list[Clause]
 
 
+def _code_and_value(c: ClinicalCriterion, scope: _Scope, r: FromClause) -> list[Clause]:
+    """The FHIR search conditions of ``c``'s code and value on ``r``."""
+    kind = c.resource
+    if c.codes and c.value and _pairs_code_and_value(kind):
+        tokens = ",".join(_escape_composite(token) for token in c.codes)
+        return [
+            _search(
+                scope, f"{c.path}.value", r, kind, _CODE_VALUE, f"{tokens}${_quantity(c, op, n)}"
+            )
+            for op, n in c.value
+        ]
+    conditions = []
+    if c.codes:
+        conditions.append(_search(scope, f"{c.path}.code", r, kind, "code", ",".join(c.codes)))
+    for op, n in c.value:
+        conditions.append(
+            _search(scope, f"{c.path}.value", r, kind, "value-quantity", _quantity(c, op, n))
+        )
+    return conditions
+
+
 def _resources(c: ClinicalCriterion, scope: _Scope, *, coded: bool = False) -> _Resources:
     """``coded``: the resources come from an exact :func:`_driver`, so the conditions
     leave out the code and value."""
     kind = c.resource
-    r = fhir_resources.alias("resource")
-    subject = fhir_search_values.alias("subject")
-    record = patient_records.alias("record")
+    r = fhir_resources.alias()
+    subject = fhir_search_values.alias()
+    record = patient_records.alias()
     # Not ``deleted``: a deleted resource has no search values, so no patient reference.
     conditions: list[Clause] = [r.c.partition_id == scope.partition_pk, r.c.resource_type == kind]
-    if coded:
-        pass
-    elif c.codes and c.value and _pairs_code_and_value(kind):
-        tokens = ",".join(_escape_composite(token) for token in c.codes)
-        for op, number in c.value:
-            pair = f"{tokens}${_quantity(c, op, number)}"
-            conditions.append(_search(scope, f"{c.path}.value", r, kind, _CODE_VALUE, pair))
-    else:
-        if c.codes:
-            codes = ",".join(c.codes)
-            conditions.append(_search(scope, f"{c.path}.code", r, kind, "code", codes))
-        for op, number in c.value:
-            value = _quantity(c, op, number)
-            conditions.append(_search(scope, f"{c.path}.value", r, kind, "value-quantity", value))
+    if not coded:
+        conditions += _code_and_value(c, scope, r)
     if c.date is not None:
         assert c.date_param is not None
         for op, text in c.date.comparisons:
@@ -501,7 +512,7 @@ def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
         return scope.patient.in_(select(matched.c.patient_id))
     if scope.study is None or scope.study_day is None:
         raise InvalidCohortQuery(f"{c.path}.within: needs a study")
-    when = fhir_search_values.alias("event_date")
+    when = fhir_search_values.alias()
     dated = found.joined.join(
         when, and_(when.c.resource_id == r.c.id, when.c.param == c.date_param)
     )
@@ -511,7 +522,7 @@ def _clinical(c: ClinicalCriterion, scope: _Scope) -> Clause:
         "events",
     )
     low, high = _window_days(c)
-    linked = study_patients.alias("linked")
+    linked = study_patients.alias()
     near = (
         select(linked.c.study_id)
         .select_from(linked.join(events, events.c.patient_id == linked.c.patient_id))
@@ -531,7 +542,7 @@ def _clinical_in_window(c: ClinicalCriterion, scope: _Scope) -> Clause:
         raise InvalidCohortQuery(f"{c.path}.within: needs a study")
     found = _resources(c, scope)
     low, high = _window_days(c)
-    when = fhir_search_values.alias("event_date")
+    when = fhir_search_values.alias()
     in_window = exists(
         select(literal(1))
         .where(

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
     true,
 )
 
@@ -421,6 +422,17 @@ fhir_search_values = Table(
     Index(None, "resource_type", "param", "date_low", "date_high"),
     Index(None, "resource_type", "param", "ref_type", "ref_id"),
     Index(None, "resource_type", "param", "number_value"),
+    # The (code, value) pairs of composite parameters (Observation code-value-quantity),
+    # found by code and value range in one index range: cohort queries (migration 0008).
+    Index(
+        "ix_fhir_search_values_qualifier_code_number_value",
+        "resource_type",
+        "param",
+        "qualifier_code",
+        "number_value",
+        sqlite_where=text("qualifier_code IS NOT NULL"),
+        postgresql_where=text("qualifier_code IS NOT NULL"),
+    ),
 )
 
 # --- HL7 v2 messages (MLLP) -----------------------------------------------------------------

@@ -3,7 +3,8 @@
 Without statistics SQLite assumes ``partition_id = ?`` is selective and walks a
 whole partition for a series lookup: 7.6 s instead of 5 ms at one million
 instances (benchmarks/results/scale-1m-2026-11-24.txt). PostgreSQL has
-autovacuum for this, which some servers run without; the same check covers it.
+autovacuum for this, which some servers run without; the same check covers it
+(with VACUUM there, which autovacuum would otherwise run).
 
 The imaging hierarchy is not the only table that grows on its own: a FHIR bulk
 import adds millions of search values, and the patient tables follow both sides.
@@ -89,5 +90,16 @@ def refresh_statistics(engine: Engine) -> bool:
         if not _outgrown(conn):
             return False
     with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text(_refresh_statement(conn)))
     return True
+
+
+def _refresh_statement(conn: Connection) -> str:
+    if conn.dialect.name != "postgresql":
+        return "ANALYZE"
+    # Index-only scans (the cohort queries' partition check, for one) only skip the
+    # table for pages the visibility map marks all-visible, and only VACUUM marks
+    # them: without autovacuum, a bulk-loaded table would be read row by row forever.
+    autovacuum = conn.execute(text("SELECT current_setting('autovacuum')")).scalar()
+    return "VACUUM (ANALYZE)" if autovacuum == "off" else "ANALYZE"

@@ -1,4 +1,4 @@
-"""patient identity linking DICOM and FHIR
+"""patient identity linking DICOM and FHIR; what cohort queries need to be planned well
 
 Revision ID: 0008
 Revises: 0007
@@ -17,6 +17,28 @@ depends_on = None
 
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 TS = sa.DateTime(timezone=True)
+
+#: PostgreSQL multiplies the selectivities of resource_type, param and code as if they
+#: were independent (a code belongs to one type and parameter) and estimated one row for
+#: each clinical subquery of a cohort query: nested loops read 252 million rows for the
+#: example of docs/cohorts.md. Extended statistics give it the combinations; ANALYZE
+#: fills them. The series one needs PostgreSQL 14 (statistics on an expression).
+_STATISTICS = {
+    "fhir_search_values_token_stats": (
+        "(dependencies, mcv) ON resource_type, param, token_system, token_code "
+        "FROM fhir_search_values"
+    ),
+    "fhir_search_values_qualifier_stats": (
+        "(dependencies, mcv) ON resource_type, param, qualifier_system, qualifier_code "
+        "FROM fhir_search_values"
+    ),
+    "fhir_search_values_reference_stats": (
+        "(dependencies, mcv) ON resource_type, param, ref_type FROM fhir_search_values"
+    ),
+}
+_EXPRESSION_STATISTICS = {
+    "series_modality_body_part_stats": "(mcv) ON modality, upper(body_part_examined) FROM series",
+}
 
 
 def upgrade() -> None:
@@ -133,8 +155,31 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", name=op.f("pk_sync_cursors")),
     )
 
+    # A (code, value) pair of Observation code-value-quantity by code and value range.
+    op.create_index(
+        "ix_fhir_search_values_qualifier_code_number_value",
+        "fhir_search_values",
+        ["resource_type", "param", "qualifier_code", "number_value"],
+        unique=False,
+        sqlite_where=sa.text("qualifier_code IS NOT NULL"),
+        postgresql_where=sa.text("qualifier_code IS NOT NULL"),
+    )
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        statistics = dict(_STATISTICS)
+        if (bind.dialect.server_version_info or (0,)) >= (14,):
+            statistics.update(_EXPRESSION_STATISTICS)
+        for name, definition in statistics.items():
+            op.execute(f"CREATE STATISTICS IF NOT EXISTS {name} {definition}")
+
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        for name in (*_STATISTICS, *_EXPRESSION_STATISTICS):
+            op.execute(f"DROP STATISTICS IF EXISTS {name}")
+    op.drop_index(
+        "ix_fhir_search_values_qualifier_code_number_value", table_name="fhir_search_values"
+    )
     op.drop_table("sync_cursors")
     op.drop_index(op.f("ix_study_patients_patient_id"), table_name="study_patients")
     op.drop_table("study_patients")
