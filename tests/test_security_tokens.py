@@ -121,14 +121,14 @@ def test_token_cli_create_list_revoke(
         ],
     )
     assert made.exit_code == 0, made.output
-    created = json.loads(made.output)
+    created = json.loads(made.stdout)  # the JSON is stdout; log lines go to stderr
     assert created["roles"] == ["reader@default"] and created["token"].startswith("mlk_")
     assert (
         secure_client.get("/dicomweb/studies", headers=bearer(created["token"])).status_code == 204
     )
     listed = runner.invoke(cli, ["token", "list", "--json", *data])
     assert listed.exit_code == 0, listed.output
-    assert [t["id"] for t in json.loads(listed.output)] == [created["id"]]
+    assert [t["id"] for t in json.loads(listed.stdout)] == [created["id"]]
     assert created["token"] not in listed.output
     revoked = runner.invoke(cli, ["token", "revoke", created["id"], *data])
     assert revoked.exit_code == 0, revoked.output
