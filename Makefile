@@ -45,7 +45,7 @@ bench-hl7: install  ## HL7 v2 over MLLP: messages/s on one connection, stored be
 bench-fhir: install  ## FHIR $$import and transaction rates, $$export of 1M resources with peak RSS (~15 min)
 	$(PY) benchmarks/fhir_bulk.py --out bench-results/fhir-bulk.txt
 
-bench-cohort: install  ## cohort queries on 100k patients / 1M instances, SQLite and PostgreSQL (~25 min)
+bench-cohort: install  ## cohort queries on 100k patients / 1M instances, SQLite and PostgreSQL (~15 min)
 	mkdir -p bench-results
 	$(PY) benchmarks/cohort_scale.py --patients 100000 --db both --out bench-results/cohort.txt
 

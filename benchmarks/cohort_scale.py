@@ -9,8 +9,8 @@ and Observations, then the example cohort query and a few others.
 Per backend (SQLite in a temp folder; PostgreSQL in a fresh database
 ``medlake_cohort_<random>``, dropped at the end). ``--sqlite-file`` / ``--pg-database``
 name a database to keep instead: built there when it holds no studies yet, reused
-as it is (no build, no ANALYZE) on later runs, so a query change is timed in minutes
-rather than the ~7 minutes a build takes:
+as it is (no build, no ANALYZE, ``--patients`` ignored) on later runs, so a change to
+the queries is timed without the 3-4 minutes per database a build takes on 2 cores:
 
 1. opens a real :class:`medlake.ingest.archive.Archive` (the migrations run, as in the
    server);

@@ -232,20 +232,18 @@ def _shifted(column: ColumnElement[Any], *, years: int = 0, days: int = 0) -> Co
 
 # --- compiling the criteria ---------------------------------------------------------------
 #
-# Two forms, chosen so that neither database needs good row estimates to run a query well
-# (PostgreSQL takes resource_type, param and token_code for independent columns and
-# estimates one row for a clinical subquery; with nested loops on that estimate the
-# example query read 252 million rows):
+# The statement's shape does not rest on row estimates (PostgreSQL takes resource_type,
+# param and token_code for independent columns and estimated one row for each clinical
+# subquery; with nested loops on that estimate the example query read 252 million rows):
 #
-# - *sets*: a clinical criterion becomes the patient keys (or, with a time window, the
-#   studies) it holds for, computed once for the whole statement from the one index
-#   range that every matching resource is in (the code, or the code and value pair),
-#   as a common table expression that PostgreSQL must materialise; the rows of the
-#   query are then tested by ``IN``, a hash lookup.
-# - *per row*: time windows and demographics next to criteria that narrow the rows
-#   (imaging, clinical sets) are tested for each remaining row only, from that patient's
-#   own resources: the example's window then looks at 2,700 patients' Observations
-#   instead of every HbA1c of the archive.
+# - a clinical criterion becomes the patient keys it holds for (with a time window: the
+#   studies), computed once for the statement from the one index range every matching
+#   resource is in (the code's rows, or the (code, value) pairs' rows), in a common
+#   table expression that PostgreSQL must materialise; rows are then tested by ``IN``.
+# - time windows and demographics next to criteria that narrow the rows (imaging,
+#   clinical criteria without a window) are tested against the candidate rows those
+#   leave, materialised first, from each candidate patient's own resources: the
+#   example's window then looks at 2,700 candidates, not at every HbA1c of the archive.
 
 
 @dataclass
@@ -254,8 +252,6 @@ class _Scope:
 
     partition_pk: int
     builder: CriteriaBuilder
-    #: ``sqlite`` or ``postgresql``.
-    dialect: str
     #: The patient key of the row (``study_patients.patient_id`` or ``patients.id``).
     patient: ColumnElement[Any]
     #: The study row and its date (None when evaluated per patient).
@@ -275,18 +271,10 @@ def _once(query: Select[Any], scope: _Scope, name: str) -> CTE:
     return cte.prefix_with("MATERIALIZED", dialect="postgresql")
 
 
-def _per_row(query: Select[Any], scope: _Scope) -> Clause:
-    """``EXISTS (query)``, evaluated for each row that reaches it. PostgreSQL turns a
-    plain EXISTS into a join and may then compute it for every patient of the archive;
-    OFFSET 0 keeps it a subplan run per row (SQLite runs it per row anyway)."""
-    if scope.dialect == "postgresql":
-        query = query.offset(0)
-    return exists(query)
-
-
 def _top_level(where: Criterion) -> tuple[list[Criterion], list[Criterion]]:
     """The items of the outermost ``all`` split into (narrowing, per row): time windows
-    and demographics are checked per row when something else narrows the rows first."""
+    and demographics are tested on the candidate rows when something else narrows the
+    rows first."""
     items: list[Criterion] = list(where.items) if isinstance(where, AllOf) else [where]
     late = [item for item in items if _checked_per_row(item)]
     early = [item for item in items if not _checked_per_row(item)]
@@ -555,11 +543,10 @@ def _clinical_in_window(c: ClinicalCriterion, scope: _Scope) -> Clause:
     )
     # From the patient's own resources of the type (reference index), each checked
     # against the criteria and the window.
-    return _per_row(
+    return exists(
         select(literal(1))
         .select_from(found.joined)
-        .where(found.record.c.patient_id == scope.patient, in_window, *found.conditions),
-        scope,
+        .where(found.record.c.patient_id == scope.patient, in_window, *found.conditions)
     )
 
 
@@ -627,18 +614,16 @@ def _patient(c: PatientCriterion, scope: _Scope) -> Clause:
     # Correlated: demographics rarely narrow much (half the patients are women), so they
     # are checked on the rows the other criteria left, from the patient's own records.
     if not at_study:
-        return _per_row(
+        return exists(
             select(literal(1))
             .select_from(joined)
-            .where(record.c.patient_id == scope.patient, *conditions),
-            scope,
+            .where(record.c.patient_id == scope.patient, *conditions)
         )
-    return _per_row(
+    return exists(
         select(literal(1))
         .select_from(joined.join(born, and_(born.c.resource_id == person.c.id,
                                             born.c.param == "birthdate")))
-        .where(record.c.patient_id == scope.patient, *conditions, *at_study),
-        scope,
+        .where(record.c.patient_id == scope.patient, *conditions, *at_study)
     )  # fmt: skip
 
 
@@ -800,7 +785,7 @@ def _by_study(
     se = series.alias() if query.level == "series" else None
     if se is not None:
         linked = linked.join(se, se.c.study_id == st.c.id)
-    scope = _Scope(partition_pk, builder, conn.dialect.name, sp.c.patient_id, st, sp.c.study_date,
+    scope = _Scope(partition_pk, builder, sp.c.patient_id, st, sp.c.study_date,
                    se, dt.datetime.now(dt.UTC).date())  # fmt: skip
     early, late = _top_level(query.where) if query.where is not None else ([], [])
     # One evaluation of the criteria: the keys of every matching row, in output order;
@@ -897,7 +882,7 @@ def _by_patient(
     conn: Connection, query: CohortQuery, partition_pk: int, builder: CriteriaBuilder
 ) -> CohortResult:
     p = patients
-    scope = _Scope(partition_pk, builder, conn.dialect.name, p.c.id, None, None, None,
+    scope = _Scope(partition_pk, builder, p.c.id, None, None, None,
                    dt.datetime.now(dt.UTC).date())  # fmt: skip
     early, late = _top_level(query.where) if query.where is not None else ([], [])
     where = [p.c.partition_id == partition_pk, p.c.merged_into.is_(None)]
