@@ -133,11 +133,14 @@ def test_no_patient_name_in_plain_bytes_under_the_lake(
     assert any(
         name.encode() in demo_files[0].read_bytes() for name in names
     )  # plain files have them
+    # Forms shorter than 6 bytes are left out: a 3-byte family name such as "POE" turns
+    # up by chance in megabytes of ciphertext (one chance in 2**24 at every offset).
+    forms = {form for name in names for form in (name, name.split("^")[0]) if len(form) >= 6}
+    assert forms
     for file in lake.rglob("*"):
         if file.is_file():
             content = file.read_bytes()
-            for name in names:
-                for form in {name, name.split("^")[0]}:
-                    assert form.encode() not in content, (file, form)
+            for form in forms:
+                assert form.encode() not in content, (file, form)
     key = "medlake/default/dicom/default/default/0.dcm"
     assert decrypt_bytes(store.read_bytes(key), keys) == demo_files[0].read_bytes()
