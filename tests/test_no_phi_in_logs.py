@@ -29,6 +29,7 @@ from tests.security_support import bearer, issue
 
 from medlake.api import create_app
 from medlake.cli.log_setup import log_formatter
+from medlake.clinical.hl7 import Hl7Sender, add_sender
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
 
@@ -163,9 +164,14 @@ def exercise_fhir(http: httpx.Client) -> None:
 
 
 def exercise_hl7(http: httpx.Client, archive: Archive) -> None:
+    # Authentication is on: only a registered sender's messages are stored.
+    add_sender(archive.engine, Hl7Sender("phi-test", "127.0.0.1", "default", "SENDAPP"))
     with running_listener(archive) as mllp:
         with MLLPClient("127.0.0.1", mllp.port) as client:
             client.send_message(adt("A01", "PHI-1", patient=PATIENT_ID, family=FAMILY))
+            # an unregistered sender: refused (AR), and its refusal logged
+            stranger = msh("ADT^A01", "PHI-0", sender="OTHER|FAC")
+            client.send_message(f"{stranger}PID|1||{PATIENT_ID}^^^HOSP^MR||{PATIENT_NAME}\r")
             # PID-3 missing: rejected (AE), with the name still in PID-5
             client.send_message(
                 msh("ADT^A01", "PHI-2") + f"EVN|A01|2024\rPID|1||||{PATIENT_NAME}\rPV1|1|I\r"

@@ -13,10 +13,7 @@ Screenshots go to a tmp folder, named in every failure message.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,23 +23,16 @@ from typing import Any
 
 import pytest
 import uvicorn
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, ohif_dist, require_browser
 
 from medlake.cli.demo_data import DEMO_STUDIES, demo_uid, write_demo_studies
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
 from medlake.ingest.pipeline import ingest
 from medlake.types import DEFAULT_PARTITION
-from medlake.web import create_web_app, find_ohif_dist, viewer_path
+from medlake.web import create_web_app, viewer_path
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
-
-REPO = Path(__file__).resolve().parents[1]
-INSTALL_OHIF = REPO / "scripts" / "install-ohif.sh"
-CHROMIUM = os.environ.get("MEDLAKE_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 #: The demo studies, by index in DEMO_STUDIES.
 CT_STUDY, US_STUDY = 0, 2
@@ -118,18 +108,6 @@ class Medlake:
     shots: Path
 
 
-def _ohif_dist() -> Path:
-    dist = find_ohif_dist(Settings())
-    if dist is not None:
-        return dist
-    if shutil.which("npm") is None:
-        pytest.skip("the OHIF dist is not installed and npm is absent: run scripts/install-ohif.sh")
-    run = subprocess.run([str(INSTALL_OHIF)], capture_output=True, text=True, timeout=600)
-    if run.returncode != 0:
-        pytest.fail(f"scripts/install-ohif.sh failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return Path(run.stdout.strip().splitlines()[-1])
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -140,14 +118,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def medlake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Medlake]:
     """medlake + OHIF on a free port, the demo studies ingested (SQLite index)."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/install-system-deps.sh installs it)")
-    pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
-    dist = _ohif_dist()
+    require_browser()
+    dist = ohif_dist()
     root = tmp_path_factory.mktemp("ohif")
     shots = root / "screenshots"
     shots.mkdir()
-    # The viewer sends no bearer token yet: served as `medlake demo` serves it.
+    # Served as `medlake demo` serves it, authentication off (test_ohif_login signs in).
     archive = Archive.open(Settings(data=root / "data", fsync=False, insecure_no_auth=True))
     files = write_demo_studies(root / "demo-source")
     batch = ingest(archive, str(root / "demo-source"), DEFAULT_PARTITION, workers=0)

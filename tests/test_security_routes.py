@@ -46,6 +46,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("/healthz", "GET"): EVERYONE,
     ("/readyz", "GET"): EVERYONE,
     ("/metrics", "GET"): frozenset({"admin", "auditor"}),  # unless metrics_public
+    ("/login", "GET"): EVERYONE,  # the sign-in form; a login link checks itself
+    ("/login", "POST"): EVERYONE,  # signs in with the token in the form
+    ("/logout", "POST"): EVERYONE,
     ("/ohif", "GET"): EVERYONE,
     ("/ohif/{rest:path}", "GET"): EVERYONE,
     ("/partitions", "GET"): ROLES,
@@ -115,6 +118,11 @@ _DICOMWEB_BY_METHOD = {
     "DELETE": ADMIN,
 }
 
+#: The de-identified views (DICOMweb and FHIR, reads only): deid.read, which the researcher
+#: role has and the reader role has not.
+_DEID = re.compile(r"^/deid/(dicomweb|fhir)/")
+_DEID_READERS = frozenset({"admin", "researcher"})
+
 #: A value for each path parameter (the routes' own checks may then say 404 or 400).
 PARAMS = {
     "partition": "default",
@@ -146,6 +154,8 @@ def expected_callers(path: str, method: str) -> frozenset[str] | None:
         return frozenset({"admin", "reader"})
     if _DICOMWEB.match(path):
         return _DICOMWEB_BY_METHOD.get(method)
+    if _DEID.match(path) and method == "GET":
+        return _DEID_READERS
     return None
 
 

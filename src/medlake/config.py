@@ -78,11 +78,27 @@ class Settings(BaseSettings):
     )
     mllp_port: int = Field(
         default=2575,
-        description="HL7 v2 MLLP port of `medlake serve` and `medlake mllp`; 0 = `serve` "
-        "runs without the MLLP listener.",
+        description="HL7 v2 MLLP port of `medlake serve` and `medlake mllp`; 0 = no plain "
+        "MLLP port (`serve` then runs without the MLLP listener, unless mllp_tls_port is "
+        "set: TLS only).",
     )
     mllp_host: str | None = Field(
         default=None, description="Interface the MLLP port listens on; default: `host`."
+    )
+    mllp_tls_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="HL7 v2 MLLP over TLS port (BCP 195 profile, as DICOM TLS) of `medlake "
+        "serve` and `medlake mllp`, beside mllp_port, with tls_cert_file and tls_key_file; "
+        "0 = no TLS port (with mllp_port = 0 as well: MLLP over TLS only).",
+    )
+    mllp_tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA certificate(s) that MLLP clients' certificates must chain to: "
+        "set, the MLLP TLS port requires a client certificate (mutual TLS), whose subject "
+        "a registered HL7 sender may be tied to (`medlake hl7 senders add --tls-subject`); "
+        "unset, any client may connect over TLS.",
     )
     mllp_max_message_bytes: int = Field(
         default=1_048_576,
@@ -98,7 +114,9 @@ class Settings(BaseSettings):
     hl7_partition: str = Field(
         default="default",
         description="Partition that HL7 v2 messages received over MLLP, and the FHIR "
-        "resources mapped from them, belong to.",
+        "resources mapped from them, belong to, when their sender is not registered "
+        "(authentication off); a registered sender's (`medlake hl7 senders add`) go into "
+        "its own partition.",
     )
     hl7_mapping: bool = Field(
         default=True,
@@ -416,6 +434,12 @@ class Settings(BaseSettings):
     def _dimse_tls_has_a_certificate(self) -> Settings:
         if self.dimse_tls_port and self.tls_cert_file is None:
             raise ValueError("dimse_tls_port needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _mllp_tls_has_a_certificate(self) -> Settings:
+        if self.mllp_tls_port and self.tls_cert_file is None:
+            raise ValueError("mllp_tls_port needs tls_cert_file and tls_key_file")
         return self
 
     @property

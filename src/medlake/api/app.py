@@ -15,10 +15,12 @@ from medlake.api import (
     batches_routes,
     bulk_routes,
     cohort_routes,
+    deid_routes,
     dicomweb_routes,
     extended_tags_routes,
     fhir_routes,
     hl7_routes,
+    login_routes,
     metrics,
     patient_merge_routes,
     readiness,
@@ -83,6 +85,7 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
         RequestLog, metrics=counters, max_header_bytes=settings.http_max_header_bytes
     )
     app.include_router(admin_routes.router)
+    app.include_router(login_routes.router)  # the browser's session cookie (/login, /logout)
     app.include_router(readiness.router)
     app.include_router(metrics.router)
     app.include_router(extended_tags_routes.router)
@@ -99,4 +102,14 @@ def create_app(archive: Archive, *, background: bool = True) -> FastAPI:
     app.include_router(patient_merge_routes.router)  # before the FHIR router, too
     app.include_router(cohort_routes.router)
     app.include_router(fhir_routes.router, prefix=fhir_routes.PREFIX)
+    # De-identified views (researcher role); the partition mounts first, so that
+    # /deid/fhir/partitions/... is not read as a resource type and id.
+    for router, prefix in (
+        (deid_routes.dicomweb_router, deid_routes.DICOMWEB_PREFIX),
+        (deid_routes.fhir_router, deid_routes.FHIR_PREFIX),
+    ):
+        app.include_router(
+            router, prefix=f"{prefix}/partitions/{{partition}}", dependencies=PARTITION_IN_PATH
+        )
+        app.include_router(router, prefix=prefix)
     return app

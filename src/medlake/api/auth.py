@@ -3,14 +3,22 @@
 :class:`AccessControl` is an ASGI middleware around the whole app. For each request it
 finds the route that will serve it, looks the route's template and method up in
 :data:`RULES` (a route without a rule is refused: deny by default), authenticates the
-bearer credential (a medlake API token or an OIDC JWT), asks
+bearer credential (a medlake API token or an OIDC JWT) or, without one, the browser's
+session cookie (:data:`SESSION_COOKIE`, see :mod:`medlake.api.login_routes`), asks
 :func:`medlake.security.policy.authorize`, and records an audit record for actions on
 PHI, administrative actions and every refusal. The audit record is committed before
 the first byte of the response is sent; when it cannot be written the client gets 503
 instead of the response.
 
+Cross-site request forgery: the session cookie is ``SameSite=Strict``, and on top of
+that a cookie-authenticated request with an unsafe method (anything but GET, HEAD,
+OPTIONS) is refused (403) unless its ``Origin`` header is this server's own origin
+(scheme and ``Host``); only ``POST /logout`` is exempt. Bearer requests are not
+affected (a browser never adds the header on its own).
+
 Route handlers read the outcome with :func:`principal_of` / :func:`decision_of`
-(FHIR: ``decision.compartments`` must restrict what is served).
+(FHIR: ``decision.compartments`` must restrict what is served; only rules with
+``compartments=True`` let a compartment-limited decision through).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from urllib.parse import parse_qs
 import orjson
 from fastapi.routing import iter_route_contexts
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +47,7 @@ from medlake.security.audit import (
     Outcome,
     record_audit,
 )
+from medlake.security.browser_login import authenticate_session
 from medlake.security.errors import Unauthenticated
 from medlake.security.jwt_verify import JwtVerifier, OidcConfig
 from medlake.security.policy import Action, Decision, authorize
@@ -57,6 +66,12 @@ PartitionFrom = Literal["path", "query", "query_default", "archive"]
 #: The longest credential looked at; anything longer is refused unread.
 MAX_CREDENTIAL_BYTES = 16 * 1024
 _SCOPE_KEY = "medlake.access"
+#: The cookie of a browser session (its value: a ``mls_…`` session secret).
+SESSION_COOKIE = "medlake_session"
+#: Methods a cookie may authenticate from anywhere; others need a same-origin ``Origin``.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Route templates a cookie may ``POST`` to without a same-origin ``Origin``.
+_CROSS_SITE_EXEMPT = frozenset({"/logout"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,9 @@ class RouteRule:
     partition: PartitionFrom = "archive"
     #: Path parameter naming the FHIR resource type, for SMART scope checks.
     resource_type_param: str | None = None
+    #: Whether the route restricts what it serves to the decision's FHIR compartments
+    #: (a compartment-limited decision on any other route is refused).
+    compartments: bool = False
 
 
 @dataclass
@@ -124,29 +142,36 @@ def _fhir_rules() -> dict[tuple[str, str], RouteRule]:
     """The FHIR REST API at /fhir (partition ``default``)."""
     typed = "resource_type"
     t, i = "/fhir/{resource_type}", "/fhir/{resource_type}/{logical_id}"
+
+    def limited(action: Action, resource_type_param: str | None = typed) -> RouteRule:
+        """A route whose FHIR service honours compartments (medlake.clinical.compartments)."""
+        return RouteRule(action, "path", resource_type_param, compartments=True)
+
     rules = {
         # The CapabilityStatement is public (SMART App Launch); the catch-all route only
         # answers 404 / 405 for what the CapabilityStatement does not list.
         ("/fhir/metadata", "GET"): RouteRule(Action.FHIR_CAPABILITIES),
-        ("/fhir", "POST"): RouteRule(Action.FHIR_TRANSACTION, "path"),
-        ("/fhir/_history", "GET"): RouteRule(Action.FHIR_READ, "path"),
-        (f"{t}/_history", "GET"): RouteRule(Action.FHIR_READ, "path", typed),
-        (t, "GET"): RouteRule(Action.FHIR_SEARCH, "path", typed),
-        (f"{t}/_search", "POST"): RouteRule(Action.FHIR_SEARCH, "path", typed),
-        (t, "POST"): RouteRule(Action.FHIR_CREATE, "path", typed),
-        (t, "PUT"): RouteRule(Action.FHIR_UPDATE, "path", typed),
-        (t, "DELETE"): RouteRule(Action.FHIR_DELETE, "path", typed),
-        (f"{i}/_history", "GET"): RouteRule(Action.FHIR_READ, "path", typed),
-        (f"{i}/_history/{{version_id}}", "GET"): RouteRule(Action.FHIR_READ, "path", typed),
-        (i, "GET"): RouteRule(Action.FHIR_READ, "path", typed),
-        (i, "PUT"): RouteRule(Action.FHIR_UPDATE, "path", typed),
-        (i, "DELETE"): RouteRule(Action.FHIR_DELETE, "path", typed),
+        ("/fhir", "POST"): limited(Action.FHIR_TRANSACTION, None),
+        ("/fhir/_history", "GET"): limited(Action.FHIR_READ, None),
+        (f"{t}/_history", "GET"): limited(Action.FHIR_READ),
+        (t, "GET"): limited(Action.FHIR_SEARCH),
+        (f"{t}/_search", "POST"): limited(Action.FHIR_SEARCH),
+        (t, "POST"): limited(Action.FHIR_CREATE),
+        (t, "PUT"): limited(Action.FHIR_UPDATE),
+        (t, "DELETE"): limited(Action.FHIR_DELETE),
+        (f"{i}/_history", "GET"): limited(Action.FHIR_READ),
+        (f"{i}/_history/{{version_id}}", "GET"): limited(Action.FHIR_READ),
+        (i, "GET"): limited(Action.FHIR_READ),
+        (i, "PUT"): limited(Action.FHIR_UPDATE),
+        (i, "DELETE"): limited(Action.FHIR_DELETE),
     }
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         rules[("/fhir/{rest:path}", method)] = RouteRule(Action.FHIR_CAPABILITIES)
-    # Bulk Data (export, import, their jobs and files), per partition as well.
-    export = RouteRule(Action.FHIR_EXPORT, "path")
-    status = RouteRule(Action.FHIR_BULK_STATUS, "path")
+    # Bulk Data (export, import, their jobs and files), per partition as well. An export
+    # kicked off with compartments covers only them, and only such exports' status and
+    # files are shown to a compartment-limited caller; $import and $merge are not limited.
+    export = limited(Action.FHIR_EXPORT, None)
+    status = limited(Action.FHIR_BULK_STATUS, None)
     for root in ("/fhir", "/fhir/partitions/{partition}"):
         for kick_off in ("/$export", "/Patient/$export", "/Group/{group_id}/$export"):
             rules[(root + kick_off, "GET")] = export
@@ -157,6 +182,26 @@ def _fhir_rules() -> dict[tuple[str, str], RouteRule]:
         rules[(f"{root}/$bulk-file/{{job_id}}/{{name}}", "GET")] = export
         # Patient/$merge writes both patients and re-points everything of the source.
         rules[(f"{root}/Patient/$merge", "POST")] = RouteRule(Action.FHIR_UPDATE, "path")
+    return rules
+
+
+def _deid_rules() -> dict[tuple[str, str], RouteRule]:
+    """The de-identified views (medlake.api.deid_routes): reads only, ``deid.read``."""
+    s, se, i = "/studies/{study}", "/series/{series}", "/instances/{instance}"
+    dicomweb = (
+        "/studies", "/series", "/instances", f"{s}/series", f"{s}/instances",
+        f"{s}{se}/instances", f"{s}/metadata", f"{s}{se}/metadata", f"{s}{se}{i}/metadata",
+        f"{s}{se}{i}",
+    )  # fmt: skip
+    read = RouteRule(Action.DEID_READ, "path")
+    typed = RouteRule(Action.DEID_READ, "path", "resource_type")
+    rules = {}
+    for root in ("/deid/dicomweb", "/deid/dicomweb/partitions/{partition}"):
+        for suffix in dicomweb:
+            rules[(f"{root}{suffix}", "GET")] = read
+    for root in ("/deid/fhir", "/deid/fhir/partitions/{partition}"):
+        rules[(f"{root}/{{resource_type}}", "GET")] = typed
+        rules[(f"{root}/{{resource_type}}/{{logical_id}}", "GET")] = typed
     return rules
 
 
@@ -207,12 +252,17 @@ def _rules() -> dict[tuple[str, str], RouteRule]:
         # cohort queries: patients and studies by clinical and imaging data (PHI)
         ("/cohorts", "GET"): RouteRule(Action.DICOM_SEARCH, "query_default"),
         ("/cohorts", "POST"): RouteRule(Action.DICOM_SEARCH, "query_default"),
+        # a browser signs in (login link or API token) for a session cookie, and out
+        ("/login", "GET"): RouteRule(Action.LOGIN),
+        ("/login", "POST"): RouteRule(Action.LOGIN),
+        ("/logout", "POST"): RouteRule(Action.LOGOUT),
         # the OHIF viewer's static files (medlake.web mounts them at /ohif)
         ("/ohif", "GET"): RouteRule(Action.STATIC),
         ("/ohif/{rest:path}", "GET"): RouteRule(Action.STATIC),
     }
     rules.update(_dicomweb_rules())
     rules.update(_fhir_rules())
+    rules.update(_deid_rules())
     return rules
 
 
@@ -305,6 +355,43 @@ def _recorded_partition(partition: str | None) -> str | None:
         return None
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+def session_cookie(scope: Scope) -> str | None:
+    """The value of the session cookie of a request, or ``None`` when it has none."""
+    header = _header(scope, b"cookie")
+    if header is None or len(header) > MAX_CREDENTIAL_BYTES:
+        return None
+    return cookie_parser(header).get(SESSION_COOKIE) or None
+
+
+def own_origin(scope: Scope) -> str:
+    """This server's origin as the request reached it: ``https://host:port``."""
+    return f"{scope.get('scheme', 'http')}://{_header(scope, b'host') or ''}".lower()
+
+
+def _cross_site_refusal(scope: Scope, route: str) -> str | None:
+    """Why a cookie-authenticated request must be refused as possibly forged by another
+    site (an unsafe method without this server's ``Origin``), or ``None``."""
+    method = scope["method"]
+    if method in _SAFE_METHODS or route in _CROSS_SITE_EXEMPT:
+        return None
+    origin, own = _header(scope, b"origin"), own_origin(scope)
+    if origin is not None and origin.lower() == own:
+        return None
+    return (
+        f"{method} with the session cookie needs Origin {own} (got {origin or 'none'}): "
+        "only this server's pages may change things with the cookie; API clients send "
+        "Authorization: Bearer"
+    )
+
+
 def _outcome(status: int) -> Outcome:
     if status < 400:
         return Outcome.SUCCESS
@@ -314,7 +401,7 @@ def _outcome(status: int) -> Outcome:
 def _refusal(path: str, status: int, message: str, *, invalid_token: bool) -> list[Message]:
     """The messages of a 401 / 403 (FHIR routes: an OperationOutcome)."""
     headers = [(b"cache-control", b"no-store")]
-    if path.startswith("/fhir"):
+    if path.startswith(("/fhir", "/deid/fhir")):
         code = "login" if status == 401 else "forbidden"
         body = orjson.dumps(
             {
@@ -387,6 +474,21 @@ class AccessControl:
         except Unauthenticated as exc:
             await self._refuse(scope, send, None, rule, matched, 401, exc.message, presented)
             return
+        # Without a bearer credential, a browser's session cookie (the bearer wins).
+        cookie = session_cookie(scope) if credential is None else None
+        ended_session: str | None = None
+        if cookie is not None:
+            try:
+                principal = await run_in_threadpool(
+                    authenticate_session, self.archive.engine, cookie
+                )
+            except Unauthenticated as exc:
+                ended_session = f"{exc.message}: sign in again at /login"
+            else:
+                forged = _cross_site_refusal(scope, matched.path)
+                if forged is not None:
+                    await self._refuse(scope, send, principal, rule, matched, 403, forged, False)
+                    return
         if rule is None:
             message = f"no access rule for {method} {matched.path}: refused"
             status = 403 if principal is not None else 401
@@ -401,14 +503,17 @@ class AccessControl:
             decision = Decision(True, rule.action, partition, "public by the settings")
         if not decision.allowed:
             status = 401 if not decision.authenticated else 403
-            await self._refuse(
-                scope, send, principal, rule, matched, status, decision.reason, presented
-            )
+            reason = decision.reason if decision.authenticated else ended_session or decision.reason
+            await self._refuse(scope, send, principal, rule, matched, status, reason, presented)
             return
-        if decision.compartments is not None:
-            # No route restricts what it serves to FHIR compartments yet: a grant limited
-            # to one patient's compartment must not open the whole partition.
-            reason = f"{decision.reason}: compartment-limited access is not supported here"
+        if decision.compartments is not None and not rule.compartments:
+            # Only the FHIR routes restrict what they serve to compartments: elsewhere a
+            # grant limited to one patient's compartment must not open the whole partition.
+            reason = (
+                f"{decision.reason}: compartment-limited access "
+                f"({', '.join(sorted(decision.compartments))}) is not supported for "
+                f"{rule.action.value} on this route"
+            )
             await self._refuse(scope, send, principal, rule, matched, 403, reason, presented)
             return
         scope[_SCOPE_KEY] = Access(principal, decision)
@@ -566,12 +671,15 @@ class AccessControl:
 
 __all__ = [
     "RULES",
+    "SESSION_COOKIE",
     "AccessControl",
     "PartitionFrom",
     "RouteRule",
     "app_routes",
     "decision_of",
     "match_route",
+    "own_origin",
     "principal_of",
     "rule_for",
+    "session_cookie",
 ]

@@ -27,11 +27,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.fhir_routes import FhirRoute, _base_url, _body, _prefer
+from medlake.api.fhir_routes import FhirRoute, _base_url, _body, _prefer, compartments_of
 from medlake.api.media import parse_accept
 from medlake.api.path_params import PARTITION_IN_PATH
 from medlake.clinical.bulk_export import (
     NDJSON,
+    job_within_compartments,
     manifest,
     parameters_from_resource,
     parse_export_request,
@@ -128,7 +129,7 @@ async def _export(request: Request, level: str, group_id: str | None = None) -> 
     kickoff_url = str(request.url)
     job = await run_in_threadpool(
         start_export, _archive(request), export, partition=_partition(request),
-        kickoff_url=kickoff_url,
+        kickoff_url=kickoff_url, compartments=compartments_of(request),
     )  # fmt: skip
     return _accepted(request, job)
 
@@ -172,7 +173,10 @@ async def import_kickoff(request: Request) -> Response:
 
 def _job(request: Request, job_id: str) -> BulkJob:
     job = get_job(_archive(request), job_id)
-    if job.partition != _partition(request):
+    # A caller limited to compartments sees only exports limited to them (no one else's).
+    if job.partition != _partition(request) or not job_within_compartments(
+        job, compartments_of(request)
+    ):
         raise NotFound(f"bulk data job {job_id} does not exist in this partition")
     return job
 

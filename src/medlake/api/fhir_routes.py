@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from medlake import __version__
+from medlake.api.auth import decision_of
 from medlake.api.errors import warning_header
 from medlake.api.media import parse_accept, parse_media_type
 from medlake.clinical import store
@@ -106,6 +107,13 @@ def _archive(request: Request) -> Archive:
 
 def _partition(request: Request) -> str:
     return check_partition(request.path_params.get("partition", DEFAULT_PARTITION))
+
+
+def compartments_of(request: Request) -> frozenset[str] | None:
+    """The FHIR compartments (``Patient/123``) the request's caller is limited to, from
+    the access decision (``None``: no limit); every service call below passes them on."""
+    decision = decision_of(request)
+    return decision.compartments if decision is not None else None
 
 
 def _base_url(request: Request) -> str:
@@ -272,6 +280,7 @@ async def transaction_or_batch(request: Request) -> Response:
         partition=_partition(request),
         base_url=_base_url(request),
         prefer=_prefer(request, "return") or "minimal",
+        compartments=compartments_of(request),
     )
     return _json(response, 200, request)
 
@@ -319,13 +328,22 @@ async def _search(request: Request, resource_type: str, query: list[tuple[str, s
     partition = _partition(request)
     base = _base_url(request)
     strict = (_prefer(request, "handling") or "").lower() == "strict"
+    compartments = compartments_of(request)
 
     def run() -> dict[str, Any]:
         with archive.engine.connect() as conn:
             found = partition_id(conn, partition, create=False)
             if found is None:
                 raise NotFound(f"partition {partition!r} does not exist")
-            return search_bundle(conn, found, resource_type, query, base_url=base, strict=strict)
+            return search_bundle(
+                conn,
+                found,
+                resource_type,
+                query,
+                base_url=base,
+                strict=strict,
+                compartments=compartments,
+            )
 
     return _json(await run_in_threadpool(run), 200, request)
 
@@ -342,6 +360,7 @@ async def create(request: Request, resource_type: str) -> Response:
         resource,
         partition=_partition(request),
         if_none_exist=request.headers.get("if-none-exist"),
+        compartments=compartments_of(request),
     )
     return _written(request, stored)
 
@@ -360,6 +379,7 @@ async def conditional_update(request: Request, resource_type: str) -> Response:
         resource,
         partition=_partition(request),
         if_match=_if_match(request),
+        compartments=compartments_of(request),
     )
     return _written(request, stored, location=False)
 
@@ -373,6 +393,7 @@ async def conditional_delete(request: Request, resource_type: str) -> Response:
         _resource_type(resource_type),
         _query(request),
         partition=_partition(request),
+        compartments=compartments_of(request),
     )
     return _deleted(request, stored)
 
@@ -400,6 +421,7 @@ async def vread(request: Request, resource_type: str, logical_id: str, version_i
         logical_id,
         int(version_id),
         partition=_partition(request),
+        compartments=compartments_of(request),
     )
     assert stored.content is not None
     return _json(stored.content, 200, request, _headers(stored, "", location=False))
@@ -416,6 +438,7 @@ async def read(request: Request, resource_type: str, logical_id: str) -> Respons
         resource_type,
         logical_id,
         partition=_partition(request),
+        compartments=compartments_of(request),
     )
     assert stored.content is not None
     return _json(stored.content, 200, request, _headers(stored, "", location=False))
@@ -435,6 +458,7 @@ async def update(request: Request, resource_type: str, logical_id: str) -> Respo
         resource,
         partition=_partition(request),
         if_match=_if_match(request),
+        compartments=compartments_of(request),
     )
     return _written(request, stored, location=False)
 
@@ -449,6 +473,7 @@ async def delete(request: Request, resource_type: str, logical_id: str) -> Respo
         logical_id,
         partition=_partition(request),
         if_match=_if_match(request),
+        compartments=compartments_of(request),
     )
     return _deleted(request, stored)
 
@@ -476,6 +501,7 @@ async def _history(request: Request, resource_type: str | None, logical_id: str 
         since=_instant(since_text, "_since"),
         count=count,
         cursor=int(cursor) if cursor else None,
+        compartments=compartments_of(request),
     )
     base = _base_url(request)
     path = base + "".join(f"/{p}" for p in (resource_type, logical_id) if p) + "/_history"
@@ -540,4 +566,4 @@ async def unknown(request: Request, rest: str) -> Response:
     raise NotFound(f"{request.url.path} is not a FHIR interaction of this server")
 
 
-__all__ = ["PREFIX", "FhirRoute", "outcome_response", "router"]
+__all__ = ["PREFIX", "FhirRoute", "compartments_of", "outcome_response", "router"]

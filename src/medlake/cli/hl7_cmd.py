@@ -1,5 +1,6 @@
-"""HL7 v2 commands: ``medlake mllp`` (the MLLP listener alone), ``medlake hl7 ls`` and
-``medlake hl7 show``; and the listener that ``medlake serve`` runs beside HTTP."""
+"""HL7 v2 commands: ``medlake mllp`` (the MLLP listener alone), ``medlake hl7 ls``,
+``medlake hl7 show`` and ``medlake hl7 senders add|list|remove`` (who may send); and
+the listener that ``medlake serve`` runs beside HTTP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
+import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,11 +20,15 @@ from medlake.cli.options import DataOption
 from medlake.clinical.hl7 import (
     STATUSES,
     Hl7Mapper,
+    Hl7Sender,
     MessageQuery,
     MllpError,
     MllpListener,
+    add_sender,
     get_message,
     list_messages,
+    list_senders,
+    remove_sender,
 )
 from medlake.config import Settings, load_settings
 from medlake.errors import MedlakeError
@@ -30,6 +36,11 @@ from medlake.ingest.archive import Archive
 
 console = Console()
 app = typer.Typer(help="HL7 v2 messages received over MLLP.", no_args_is_help=True)
+senders_app = typer.Typer(
+    help="Registered HL7 v2 senders: with authentication on, only their messages are "
+    "accepted over MLLP.",
+    no_args_is_help=True,
+)
 
 
 @dataclass
@@ -52,9 +63,9 @@ def fhir_base_url(settings: Settings) -> str:
 
 
 def start_mllp(archive: Archive, settings: Settings) -> Hl7Service | None:
-    """Start the MLLP listener of ``medlake serve`` (None when mllp_port is 0), with the
-    background mapper unless hl7_mapping is off."""
-    if settings.mllp_port <= 0:
+    """Start the MLLP listener of ``medlake serve`` (None when mllp_port and
+    mllp_tls_port are 0), with the background mapper unless hl7_mapping is off."""
+    if settings.mllp_port <= 0 and settings.mllp_tls_port <= 0:
         console.print("MLLP: off (mllp_port 0)")
         return None
     return _start(archive, settings)
@@ -62,7 +73,11 @@ def start_mllp(archive: Archive, settings: Settings) -> Hl7Service | None:
 
 def _start(archive: Archive, settings: Settings) -> Hl7Service:
     mapper = Hl7Mapper(archive, fhir_base_url(settings)) if settings.hl7_mapping else None
-    listener = MllpListener(archive, on_accepted=mapper.wake if mapper is not None else None)
+    listener = MllpListener(
+        archive,
+        plain=settings.mllp_port > 0 or not settings.mllp_tls_port,
+        on_accepted=mapper.wake if mapper is not None else None,
+    )
     try:
         listener.start()
     except MllpError as exc:
@@ -72,10 +87,16 @@ def _start(archive: Archive, settings: Settings) -> Hl7Service:
         mapper.yield_to(listener.receiver)
         mapper.start()
     mapping = "mapped to FHIR" if mapper is not None else "stored only (hl7_mapping off)"
-    console.print(
-        f"MLLP: HL7 v2 on {listener.host}:{listener.port}, partition "
-        f"{settings.hl7_partition}, {mapping}"
+    ports = [f"{listener.host}:{listener.port}"] if listener.plain else []
+    if listener.tls_port:
+        mutual = ", client certificate required" if settings.mllp_tls_ca_file else ""
+        ports.append(f"TLS on {listener.host}:{listener.tls_port}{mutual}")
+    senders = (
+        "registered senders only"
+        if settings.auth_enabled
+        else f"any sender (unregistered ones: partition {settings.hl7_partition})"
     )
+    console.print(f"MLLP: HL7 v2 on {', '.join(ports)}, accepting {senders}, {mapping}")
     return Hl7Service(listener, mapper)
 
 
@@ -89,9 +110,13 @@ def mllp(
         Optional[int],  # noqa: UP045
         typer.Option(help="MLLP port (env MEDLAKE_MLLP_PORT)."),
     ] = None,
+    tls_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="MLLP over TLS port (env MEDLAKE_MLLP_TLS_PORT; 0 = none)."),
+    ] = None,
 ) -> None:
     """Run the HL7 v2 MLLP listener (and the FHIR mapper) alone until Ctrl-C."""
-    settings = load_settings(data=data, mllp_host=host, mllp_port=port)
+    settings = load_settings(data=data, mllp_host=host, mllp_port=port, mllp_tls_port=tls_port)
     configure_logging(settings)
     archive = Archive.open(settings)
     service = _start(archive, settings)
@@ -190,9 +215,95 @@ def show_command(
     console.print(text.replace("\r", "\n").rstrip("\n"), highlight=False, markup=False)
 
 
+def _fail(exc: MedlakeError) -> typer.Exit:
+    console.print(f"[red]error[/]: {exc.message}")
+    return typer.Exit(1)
+
+
+@senders_app.command("add")
+def senders_add(
+    name: Annotated[str, typer.Argument(help="A name for the sender (letters, digits, . _ -).")],
+    host: Annotated[
+        str,
+        typer.Option(help="Host name or address it connects from; '*' = any (with --tls-subject)."),
+    ],
+    partition: Annotated[str, typer.Option(help="Partition its messages go into.")],
+    application: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="MSH-3 sending application it must send (default: any)."),
+    ] = None,
+    facility: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="MSH-4 sending facility it must send (default: any)."),
+    ] = None,
+    tls_subject: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--tls-subject",
+            help="Attributes its TLS client certificate's subject must have, e.g. "
+            "'CN=lab-1' (the connection must then be TLS).",
+        ),
+    ] = None,
+    description: Annotated[Optional[str], typer.Option(help="A note.")] = None,  # noqa: UP045
+    replace: Annotated[bool, typer.Option(help="Replace it if it exists.")] = False,
+    data: DataOption = None,
+) -> None:
+    """Register a sender whose messages the MLLP listener accepts into PARTITION."""
+    archive = Archive.open(load_settings(data=data))
+    try:
+        sender = Hl7Sender(name, host, partition, application, facility, tls_subject, description)
+        added = add_sender(archive.engine, sender, replace=replace)
+    except MedlakeError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"registered HL7 sender {added.name} ({added.host}) -> {added.partition}")
+
+
+@senders_app.command("list")
+def senders_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data: DataOption = None,
+) -> None:
+    """List the registered senders."""
+    archive = Archive.open(load_settings(data=data))
+    try:
+        found = list_senders(archive.engine)
+    finally:
+        archive.close()
+    if as_json:
+        typer.echo(orjson.dumps([sender.to_json() for sender in found]).decode())
+        return
+    table = Table("name", "host", "partition", "MSH-3", "MSH-4", "TLS subject", "description")
+    for sender in found:
+        table.add_row(
+            sender.name, sender.host, sender.partition, sender.application or "(any)",
+            sender.facility or "(any)", sender.tls_subject or "", sender.description or "",
+        )  # fmt: skip
+    console.print(table)
+
+
+@senders_app.command("remove")
+def senders_remove(
+    name: Annotated[str, typer.Argument(help="The sender to forget.")],
+    data: DataOption = None,
+) -> None:
+    """Forget a registered sender (its open connections are refused within seconds)."""
+    archive = Archive.open(load_settings(data=data))
+    try:
+        remove_sender(archive.engine, name)
+    except MedlakeError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"removed HL7 sender {name}")
+
+
 def register(root: typer.Typer) -> None:
-    """Add ``medlake mllp`` and ``medlake hl7 ls|show`` to the ``medlake`` application."""
+    """Add ``medlake mllp`` and ``medlake hl7 ls|show|senders`` to the ``medlake``
+    application."""
     root.command()(mllp)
+    app.add_typer(senders_app, name="senders")
     root.add_typer(app, name="hl7")
 
 

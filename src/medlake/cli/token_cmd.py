@@ -1,4 +1,5 @@
-"""``medlake token``: create, list and revoke medlake API tokens; the start-up admin token."""
+"""``medlake token``: create, list and revoke medlake API tokens, make one-time browser
+login links; the start-up admin token and login link."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from medlake.security import (
     revoke_token,
 )
 from medlake.security.audit import AUDITED_ACTIONS
+from medlake.security.browser_login import LOGIN_LINK_LIFETIME, create_login_link
 from medlake.security.tokens import CreatedToken
 
-app = typer.Typer(help="medlake API tokens: create, list, revoke.", no_args_is_help=True)
+app = typer.Typer(
+    help="medlake API tokens: create, list, revoke; browser login links.", no_args_is_help=True
+)
 console = Console()
 
 #: Lifetime of the admin token `medlake serve` prints at start-up.
@@ -202,9 +206,52 @@ def revoke(
     console.print(f"token {token_id} of {info.subject} is revoked")
 
 
+def server_root(archive: Archive) -> str:
+    """The URL of `medlake serve` by the settings: ``http(s)://host:port``."""
+    settings = archive.settings
+    scheme = "https" if settings.tls_cert_file else "http"
+    return f"{scheme}://{settings.host}:{settings.http_port}"
+
+
+def issue_login_link(archive: Archive, subject: str) -> str:
+    """A new one-time login link of ``subject``, audited: the URL to open."""
+    link = create_login_link(archive.engine, subject)
+    try:
+        audit_cli(
+            archive,
+            Action.SECURITY_MANAGE,
+            f"one-time login link {link.info.token_id} created for {subject}",
+            {"resource": f"token/{link.info.token_id}"},
+        )
+    except MedlakeError:
+        revoke_token(archive.engine, link.info.token_id)
+        raise
+    return f"{server_root(archive)}/login?token={link.secret}"
+
+
+@app.command("login-link")
+def login_link(
+    subject: Annotated[
+        str, typer.Argument(help="Who signs in with it (an existing principal).")
+    ] = "admin",
+    data: DataOption = None,
+) -> None:
+    """Print a one-time browser login link (valid 10 minutes, signs in once) for the
+    running server: opening it sets a session cookie and opens the viewer."""
+    archive = _open(data)
+    try:
+        url = issue_login_link(archive, subject)
+    except MedlakeError as exc:
+        raise _fail(exc) from None
+    finally:
+        archive.close()
+    print(url)
+
+
 def announce_access(archive: Archive, out: Console) -> None:
     """What `medlake serve` says about access at start-up: with authentication on, a
-    fresh admin token (valid 24 hours, printed once); off, a loud warning."""
+    fresh admin token (valid 24 hours, printed once) and a one-time login link for the
+    browser (valid 10 minutes); off, a loud warning."""
     settings = archive.settings
     if not settings.auth_enabled:
         out.print(
@@ -226,8 +273,8 @@ def announce_access(archive: Archive, out: Console) -> None:
         f"start-up admin token {created.info.token_id} created",
         {"resource": f"token/{created.info.token_id}"},
     )
-    scheme = "https" if settings.tls_cert_file else "http"
-    root = f"{scheme}://{settings.host}:{settings.http_port}"
+    root = server_root(archive)
+    link = issue_login_link(archive, "admin")
     out.print("authentication is on; admin token for this start (valid 24 h, shown once):")
     out.print(f"  {created.secret}", highlight=False, soft_wrap=True)
     out.print(
@@ -235,7 +282,21 @@ def announce_access(archive: Archive, out: Console) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    out.print("more tokens: medlake token create NAME --role reader@default")
+    minutes = int(LOGIN_LINK_LIFETIME.total_seconds() // 60)
+    out.print(f"browser: open this link to sign in as admin (once, within {minutes} min):")
+    out.print(f"  {link}", highlight=False, soft_wrap=True)
+    out.print(
+        "more tokens: medlake token create NAME --role reader@default; "
+        "a new login link: medlake token login-link"
+    )
 
 
-__all__ = ["announce_access", "app", "audit_cli", "cli_actor", "parse_expiry"]
+__all__ = [
+    "announce_access",
+    "app",
+    "audit_cli",
+    "cli_actor",
+    "issue_login_link",
+    "parse_expiry",
+    "server_root",
+]

@@ -7,6 +7,7 @@ import datetime as dt
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 
 #: Open ends of a period (no start / no end), and the clamp of ranges that would
 #: overflow Python's datetime. Both databases store and compare them like any instant.
@@ -28,9 +29,11 @@ _RELATIVE_REFERENCE = re.compile(
 )
 
 
+@lru_cache(maxsize=16384)
 def fold(text: str) -> str:
     """``text`` as string search compares it: accents removed, case folded, runs of
-    whitespace made one space (FHIR: matching is case- and accent-insensitive)."""
+    whitespace made one space (FHIR: matching is case- and accent-insensitive).
+    Cached: an import folds the same displays and names over and over."""
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(char for char in decomposed if not unicodedata.combining(char))
     return " ".join(stripped.casefold().split())[:STRING_WIDTH]

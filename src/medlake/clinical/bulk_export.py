@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, and_, exists, literal, or_, select, text
+from sqlalchemy import Connection, and_, or_, select, text
 
 from medlake.clinical._search_sql import CriteriaBuilder
 from medlake.clinical._search_values import date_range, relative_reference
@@ -52,13 +52,18 @@ from medlake.clinical.bulk_jobs import (
     read_job,
     set_job_patients,
 )
+from medlake.clinical.compartments import (
+    compartment_condition,
+    compartment_params,
+    compartment_patients,
+)
 from medlake.clinical.resources import RESOURCE_TYPES, check_id, dump_resource, issue
-from medlake.clinical.search_params import parameters_of
 from medlake.clinical.store import fhir_instant, now_ms, read_resource, write_transaction
 from medlake.errors import InvalidInput, InvalidResource, NotFound
-from medlake.index.schema import fhir_resources, fhir_search_values
+from medlake.index.schema import fhir_resources
 from medlake.index.writes import partition_id
 from medlake.ingest.archive import Archive
+from medlake.security.errors import Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +77,6 @@ SETTLE_TIMEOUT = 60.0
 #: Export levels: ``$export``, ``Patient/$export``, ``Group/[id]/$export``.
 LEVELS = ("system", "patient", "group")
 
-#: The Patient compartment (R4 CompartmentDefinition ``patient``) for the resource types
-#: medlake indexes: the reference parameters that put a resource in a patient's
-#: compartment. Patient itself is in its own compartment by id.
-PATIENT_COMPARTMENT: dict[str, tuple[str, ...]] = {
-    "AuditEvent": ("patient",),
-    "Condition": ("patient", "asserter"),
-    "Consent": ("patient",),
-    "DiagnosticReport": ("subject",),
-    "DocumentReference": ("subject", "author"),
-    "Encounter": ("patient",),
-    "Group": ("member",),
-    "ImagingStudy": ("patient",),
-    "MedicationRequest": ("subject",),
-    "Observation": ("subject", "performer"),
-    "Procedure": ("patient", "performer"),
-    "Provenance": ("patient",),
-    "ServiceRequest": ("subject", "performer"),
-}
 #: Kick-off parameters medlake does not support (an error unless ``Prefer:
 #: handling=lenient``, then a warning in the manifest's error file).
 _UNSUPPORTED = frozenset({"_elements", "includeAssociatedData"})
@@ -98,17 +85,6 @@ _RESULT_PARAMETERS = frozenset(
     {"_include", "_revinclude", "_sort", "_count", "_summary", "_elements", "_total",
      "_contained", "_containedType", "_offset"}
 )  # fmt: skip
-
-
-def compartment_params(resource_type: str) -> tuple[str, ...]:
-    """The reference parameters of ``resource_type`` that medlake indexes and that put a
-    resource in a Patient compartment (empty: not in the compartment)."""
-    known = parameters_of(resource_type)
-    return tuple(
-        name
-        for name in PATIENT_COMPARTMENT.get(resource_type, ())
-        if name in known and known[name].type == "reference"
-    )
 
 
 # --- the kick-off --------------------------------------------------------------------------
@@ -128,6 +104,9 @@ class ExportRequest:
     patients: list[str] | None = None
     #: What lenient handling let through (written to the manifest's error file).
     warnings: list[str] = field(default_factory=list)
+    #: Patient ids of the compartments the caller is limited to (None: no limit); the
+    #: export covers no one else, and only such a caller may fetch its status and files.
+    compartments: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The request as stored in the job row."""
@@ -139,6 +118,7 @@ class ExportRequest:
             "typeFilters": self.type_filters,
             "patients": self.patients,
             "warnings": self.warnings,
+            "compartments": self.compartments,
         }
 
     @classmethod
@@ -153,6 +133,7 @@ class ExportRequest:
             type_filters=list(data.get("typeFilters") or []),
             patients=data.get("patients"),
             warnings=list(data.get("warnings") or []),
+            compartments=data.get("compartments"),
         )
 
 
@@ -291,9 +272,16 @@ def _patient_id(reference: str) -> str:
     return relative[1]
 
 
-def group_members(archive: Archive, partition: str, group_id: str) -> list[str]:
+def group_members(
+    archive: Archive,
+    partition: str,
+    group_id: str,
+    *,
+    compartments: frozenset[str] | None = None,
+) -> list[str]:
     """Ids of the Patients a Group has as active members (nested Groups followed);
-    404 / 410 when the Group does not exist or was deleted."""
+    404 / 410 when the Group does not exist or was deleted (or, with ``compartments``,
+    is outside them: a Group is in the compartments of its members)."""
     check_id(group_id, "Group id")
     members: list[str] = []
     seen: set[str] = set()
@@ -303,7 +291,9 @@ def group_members(archive: Archive, partition: str, group_id: str) -> list[str]:
         if current in seen:
             continue
         seen.add(current)
-        group = read_resource(archive, "Group", current, partition=partition).resource() or {}
+        limit = compartments if current == group_id else None
+        stored = read_resource(archive, "Group", current, partition=partition, compartments=limit)
+        group = stored.resource() or {}
         for member in group.get("member") or []:
             if member.get("inactive") is True:
                 continue
@@ -329,14 +319,32 @@ def _relative(reference: str) -> str:
 
 
 def start_export(
-    archive: Archive, request: ExportRequest, *, partition: str, kickoff_url: str
+    archive: Archive,
+    request: ExportRequest,
+    *,
+    partition: str,
+    kickoff_url: str,
+    compartments: frozenset[str] | None = None,
 ) -> BulkJob:
     """Record the export job (the runner starts it). A Group export checks its Group
     (404 / 410); a ``patient`` list must name existing patients (and, for a Group,
-    members of it)."""
+    members of it). ``compartments`` (``Patient/123``) limit the export to those
+    patients' compartments: a system-level export, or a ``patient`` outside them, is
+    refused (403)."""
+    patients = compartment_patients(compartments)
+    if patients is not None:
+        if request.level == "system":
+            raise Forbidden(
+                "a system-level $export cannot be limited to compartments; use "
+                "Patient/$export or Group/[id]/$export"
+            )
+        outside = sorted(set(request.patients or []) - set(patients))
+        if outside:
+            raise Forbidden(f"patients {outside} are outside the compartments of this caller")
+        request.compartments = list(patients)
     if request.level == "group":
         assert request.group_id is not None
-        members = group_members(archive, partition, request.group_id)
+        members = group_members(archive, partition, request.group_id, compartments=compartments)
         if request.patients is not None:
             outside = sorted(set(request.patients) - set(members))
             if outside:
@@ -398,20 +406,8 @@ class _Plan:
         return conditions
 
     def _compartment(self, resource_type: str) -> Any:
-        patients = job_patients_select(self.job_id)
-        if resource_type == "Patient":
-            return (
-                fhir_resources.c.logical_id.in_(patients) if self.listed_patients else literal(True)
-            )
-        values = fhir_search_values.c
-        reference = select(literal(1)).where(
-            values.resource_id == fhir_resources.c.id,
-            values.param.in_(compartment_params(resource_type)),
-            values.ref_type == "Patient",
-        )
-        if self.listed_patients:
-            reference = reference.where(values.ref_id.in_(patients))
-        return exists(reference)
+        patients = job_patients_select(self.job_id) if self.listed_patients else None
+        return compartment_condition(fhir_resources, patients, resource_type)
 
 
 def _wait_for_writers(archive: Archive, transaction_time: dt.datetime) -> None:
@@ -459,7 +455,9 @@ def _start(context: JobContext, request: ExportRequest) -> dict[str, Any]:
         assert request.group_id is not None
         patients = request.patients or group_members(archive, job.partition, request.group_id)
     else:
-        patients = request.patients or []
+        patients = request.patients or list(request.compartments or [])
+    if request.compartments is not None:
+        patients = [p for p in patients if p in request.compartments]
     with archive.engine.begin() as conn:
         set_job_patients(conn, job.id, patients)
     if request.types is not None:
@@ -473,7 +471,9 @@ def _start(context: JobContext, request: ExportRequest) -> dict[str, Any]:
         "index": 0,
         "after": 0,
         "file": 0,
-        "listed": request.level == "group" or request.patients is not None,
+        "listed": request.level == "group"
+        or request.patients is not None
+        or request.compartments is not None,
         "partition": partition_pk,
     }
     context.checkpoint(
@@ -605,6 +605,17 @@ def _warnings_file(context: JobContext, warnings: list[str]) -> JobFile:
     return JobFile("OperationOutcome", name, len(lines))
 
 
+def job_within_compartments(job: BulkJob, compartments: frozenset[str] | None) -> bool:
+    """Whether a caller limited to ``compartments`` (``None``: no limit) may see the job:
+    only an export kicked off with compartments that all lie within them (its files hold
+    nothing else)."""
+    patients = compartment_patients(compartments)
+    if patients is None:
+        return True
+    limited = job.parameters.get("compartments") if job.kind == JobKind.EXPORT else None
+    return limited is not None and set(limited) <= set(patients)
+
+
 def manifest(job: BulkJob, *, file_url: Any, requires_access_token: bool) -> dict[str, Any]:
     """The complete-status body of a finished export (``file_url(name)`` is the
     download URL of a file)."""
@@ -622,10 +633,9 @@ __all__ = [
     "LEVELS",
     "NDJSON",
     "OUTPUT_FORMATS",
-    "PATIENT_COMPARTMENT",
     "ExportRequest",
-    "compartment_params",
     "group_members",
+    "job_within_compartments",
     "manifest",
     "parameters_from_resource",
     "parse_export_request",

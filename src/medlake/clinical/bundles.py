@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection
 
+from medlake.clinical.compartments import compartment_patients
 from medlake.clinical.outcome import information, operation_outcome
 from medlake.clinical.resources import check_envelope, check_id, issue, validate_resource
 from medlake.clinical.search import search_bundle
@@ -108,8 +109,13 @@ def process_bundle(
     partition: str = DEFAULT_PARTITION,
     base_url: str,
     prefer: str = "minimal",
+    compartments: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """Process a ``transaction`` or ``batch`` Bundle and return its response Bundle.
+
+    ``compartments`` (``Patient/123``; ``None``: no limit) limit every entry as they
+    limit the single interactions: an entry that would write outside them fails (403),
+    and with it the whole transaction.
 
     ``base_url`` is the FHIR base (``http://host/fhir``) for ``location`` and search
     links; ``prefer`` is the ``Prefer: return=`` wish for written entries: ``minimal``
@@ -132,7 +138,12 @@ def process_bundle(
     if kind == "transaction":
         entries = [_parse_entry(i, raw, base) for i, raw in enumerate(raw_entries)]
         _check_transaction(entries)
-        run_write(archive, partition, lambda s: _transaction(s, entries, base, prefer))
+        run_write(
+            archive,
+            partition,
+            lambda s: _transaction(s, entries, base, prefer),
+            compartments=compartments,
+        )
     else:
         entries = []
         for i, raw in enumerate(raw_entries):
@@ -144,7 +155,7 @@ def process_bundle(
                 entries.append(failed)
         for entry in sorted(entries, key=lambda e: _ORDER.get(e.method, 4)):
             if entry.response is None:
-                entry.response = _batch_entry(archive, partition, entry, base, prefer)
+                entry.response = _batch_entry(archive, partition, entry, base, prefer, compartments)
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -316,7 +327,12 @@ def _transaction(session: WriteSession, entries: list[Entry], base: str, prefer:
         method: Method = "DELETE" if entry.method == "DELETE" else "POST"
         if entry.method == "PUT":
             method = "PUT"
-        ops.append((entry, WriteOp(resource_type, logical_id, resource, method, row)))
+        op = WriteOp(resource_type, logical_id, resource, method, row)
+        try:
+            session.check_compartments([op])  # here, so the refusal names its entry
+        except MedlakeError as exc:
+            raise _at_entry(exc, entry) from exc
+        ops.append((entry, op))
     # 3. every write at once
     results = session.apply([op for _, op in ops])
     for (entry, _), result in zip(ops, results, strict=True):
@@ -324,7 +340,9 @@ def _transaction(session: WriteSession, entries: list[Entry], base: str, prefer:
     for entry in entries:
         if entry.method in ("GET", "HEAD"):
             try:
-                entry.response = _read_entry(session.conn, session.partition_pk, entry, base)
+                entry.response = _read_entry(
+                    session.conn, session.partition_pk, entry, base, session.patients
+                )
             except MedlakeError as exc:
                 raise _at_entry(exc, entry) from exc
         else:
@@ -456,8 +474,15 @@ def _rewrite_narrative(div: str, mapping: dict[str, str]) -> str:
     return div
 
 
-def _read_entry(conn: Connection, partition_pk: int, entry: Entry, base: str) -> dict[str, Any]:
-    """A GET entry (of a transaction: read inside its transaction)."""
+def _read_entry(
+    conn: Connection,
+    partition_pk: int,
+    entry: Entry,
+    base: str,
+    patients: Sequence[str] | None,
+) -> dict[str, Any]:
+    """A GET entry (of a transaction: read inside its transaction), limited to the
+    compartments of ``patients`` when given."""
     resource_type = entry.resource_type
     assert resource_type is not None
     if entry.id is None:
@@ -468,12 +493,15 @@ def _read_entry(conn: Connection, partition_pk: int, entry: Entry, base: str) ->
             entry.query or [],
             base_url=base,
             strict=False,
+            compartments=None if patients is None else _compartments(patients),
         )
         return {"resource": found, "response": {"status": "200 OK"}}
     if entry.version is not None:
-        stored = read_version(conn, partition_pk, resource_type, entry.id, entry.version)
+        stored = read_version(
+            conn, partition_pk, resource_type, entry.id, entry.version, patients=patients
+        )
     else:
-        stored = read_current(conn, partition_pk, resource_type, entry.id)
+        stored = read_current(conn, partition_pk, resource_type, entry.id, patients=patients)
     return _read_response(stored, base, include=entry.method == "GET")
 
 
@@ -524,8 +552,17 @@ def _write_response(entry: Entry, base: str, prefer: str) -> dict[str, Any]:
 # --- batch ---------------------------------------------------------------------------------
 
 
+def _compartments(patients: Sequence[str]) -> frozenset[str]:
+    return frozenset(f"Patient/{p}" for p in patients)
+
+
 def _batch_entry(
-    archive: Archive, partition: str, entry: Entry, base: str, prefer: str
+    archive: Archive,
+    partition: str,
+    entry: Entry,
+    base: str,
+    prefer: str,
+    compartments: frozenset[str] | None,
 ) -> dict[str, Any]:
     """One batch entry, on its own: its response entry, or an error response."""
     resource_type = entry.resource_type
@@ -534,11 +571,15 @@ def _batch_entry(
         if entry.resource is not None:
             validate_resource(entry.resource, expression=f"{entry.where}.resource")
         if entry.method in ("GET", "HEAD"):
-            return _batch_read(archive, partition, entry, base)
+            return _batch_read(archive, partition, entry, base, compartments)
         if entry.method == "POST":
             assert entry.resource is not None
             entry.result = create_resource(
-                archive, entry.resource, partition=partition, if_none_exist=entry.if_none_exist
+                archive,
+                entry.resource,
+                partition=partition,
+                if_none_exist=entry.if_none_exist,
+                compartments=compartments,
             )
         elif entry.method == "PUT":
             assert entry.resource is not None
@@ -550,6 +591,7 @@ def _batch_entry(
                     entry.resource,
                     partition=partition,
                     if_match=entry.if_match,
+                    compartments=compartments,
                 )
             else:
                 entry.result = conditional_update(
@@ -559,26 +601,43 @@ def _batch_entry(
                     entry.resource,
                     partition=partition,
                     if_match=entry.if_match,
+                    compartments=compartments,
                 )
         elif entry.id is not None:
             entry.result = delete_resource(
-                archive, resource_type, entry.id, partition=partition, if_match=entry.if_match
+                archive,
+                resource_type,
+                entry.id,
+                partition=partition,
+                if_match=entry.if_match,
+                compartments=compartments,
             )
         else:
             entry.result = conditional_delete(
-                archive, resource_type, entry.query or [], partition=partition
+                archive,
+                resource_type,
+                entry.query or [],
+                partition=partition,
+                compartments=compartments,
             ) or _nothing(resource_type)
         return _write_response(entry, base, prefer)
     except MedlakeError as exc:
         return _error_response(_at_entry(exc, entry))
 
 
-def _batch_read(archive: Archive, partition: str, entry: Entry, base: str) -> dict[str, Any]:
+def _batch_read(
+    archive: Archive,
+    partition: str,
+    entry: Entry,
+    base: str,
+    compartments: frozenset[str] | None,
+) -> dict[str, Any]:
+    patients = compartment_patients(compartments)
     with archive.engine.connect() as conn:
         found = partition_id(conn, partition, create=False)
         if found is None:
             raise NotFound(f"partition {partition!r} does not exist")
-        return _read_entry(conn, found, entry, base)
+        return _read_entry(conn, found, entry, base, patients)
 
 
 def _error_response(exc: MedlakeError) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from medlake.clinical._search_sql import (
     InvalidSearchValue,
     UnknownSearchParameter,
 )
+from medlake.clinical.compartments import compartment_condition, compartment_patients
 from medlake.clinical.resources import parse_json
 from medlake.clinical.search_params import COMMON_PARAMETERS, SEARCH_PARAMETERS, parameters_of
 from medlake.index.schema import fhir_resources, fhir_search_values
@@ -101,17 +102,25 @@ class _Query:
 
 
 def matching_resources(
-    conn: Connection, partition_id: int, resource_type: str, query: Sequence[tuple[str, str]]
+    conn: Connection,
+    partition_id: int,
+    resource_type: str,
+    query: Sequence[tuple[str, str]],
+    *,
+    patients: Sequence[str] | None = None,
 ) -> list[int]:
     """``fhir_resources.id`` of the current, non-deleted resources of ``resource_type``
-    matching ``query`` (conditional create/update/delete, conditional references).
+    matching ``query`` (conditional create/update/delete, conditional references);
+    with ``patients``, only those in these patients' compartments.
 
     Result parameters (``_count``, ``_sort``...) are ignored; an unknown parameter is
     an error, since ignoring it could make a conditional write hit the wrong resource.
     """
     builder = CriteriaBuilder(partition_id, "", strict=True)
     parsed = _parse(query, strict=True, builder=builder)
-    statement = _matches(builder, resource_type, parsed).with_only_columns(fhir_resources.c.id)
+    statement = _matches(builder, resource_type, parsed, patients).with_only_columns(
+        fhir_resources.c.id
+    )
     return [row.id for row in conn.execute(statement.order_by(fhir_resources.c.id))]
 
 
@@ -123,18 +132,22 @@ def search_bundle(
     *,
     base_url: str,
     strict: bool,
+    compartments: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """Search ``resource_type`` (None: every type, ``_type`` narrows) in a partition and
     return the ``searchset`` Bundle of one page; ``base_url`` is the FHIR base of the
-    partition (entry ``fullUrl`` and paging links start with it).
+    partition (entry ``fullUrl`` and paging links start with it). ``compartments``
+    (``Patient/123``; ``None``: no limit) keep matches, included resources and the
+    total to resources in those compartments.
 
     Raises :class:`UnknownSearchParameter` for an unknown parameter when ``strict``
     and :class:`InvalidSearchValue` for a malformed value, modifier or result parameter.
     """
+    patients = compartment_patients(compartments)
     base_url = base_url.rstrip("/")
     builder = CriteriaBuilder(partition_id, base_url, strict)
     parsed = _parse(query, strict=strict, builder=builder)
-    matches = _matches(builder, resource_type, parsed)
+    matches = _matches(builder, resource_type, parsed, patients)
     total: int | None = None
     if parsed.total != "none" or parsed.summary == "count":
         count_query = select(func.count()).select_from(matches.subquery())
@@ -155,7 +168,7 @@ def search_bundle(
         bundle["total"] = total
     bundle["link"] = _links(base_url, resource_type, query, parsed, total, has_more)
     entries = [_entry(base_url, row, "match", parsed) for row in rows]
-    included = _included(conn, partition_id, rows, parsed)
+    included = _included(conn, partition_id, rows, parsed, patients)
     entries.extend(_entry(base_url, row, "include", None) for row in included)
     if builder.ignored:
         entries.append(_outcome_entry(builder.ignored))
@@ -225,7 +238,12 @@ def _non_negative(key: str, value: str) -> int:
 # --- matching --------------------------------------------------------------------------------
 
 
-def _matches(builder: CriteriaBuilder, resource_type: str | None, parsed: _Query) -> Select[Any]:
+def _matches(
+    builder: CriteriaBuilder,
+    resource_type: str | None,
+    parsed: _Query,
+    patients: Sequence[str] | None = None,
+) -> Select[Any]:
     resource = fhir_resources
     conditions: list[Clause] = [
         resource.c.partition_id == builder.partition_id,
@@ -239,6 +257,8 @@ def _matches(builder: CriteriaBuilder, resource_type: str | None, parsed: _Query
         clause = builder.criterion(resource, resource_type, key, value)
         if clause is not None:
             conditions.append(clause)
+    if patients is not None:
+        conditions.append(compartment_condition(resource, patients, resource_type))
     return select(
         resource.c.id, resource.c.resource_type, resource.c.logical_id, resource.c.content
     ).where(*conditions)
@@ -294,8 +314,15 @@ def _sort_value(resource: FromClause, name: str, kind: str, descending: bool) ->
 # --- includes --------------------------------------------------------------------------------
 
 
-def _included(conn: Connection, partition_id: int, matches: list[Any], parsed: _Query) -> list[Any]:
-    """Resources named by ``_include`` / ``_revinclude`` for this page (not the matches)."""
+def _included(
+    conn: Connection,
+    partition_id: int,
+    matches: list[Any],
+    parsed: _Query,
+    patients: Sequence[str] | None = None,
+) -> list[Any]:
+    """Resources named by ``_include`` / ``_revinclude`` for this page (not the matches),
+    with ``patients`` only those in their compartments."""
     if not matches or not (parsed.includes or parsed.revincludes):
         return []
     seen = {row.id for row in matches}
@@ -308,8 +335,8 @@ def _included(conn: Connection, partition_id: int, matches: list[Any], parsed: _
             break
         new: list[Any] = []
         for row in [
-            *_forward(conn, partition_id, sources, includes),
-            *_reverse(conn, partition_id, sources, revincludes),
+            *_forward(conn, partition_id, sources, includes, patients),
+            *_reverse(conn, partition_id, sources, revincludes, patients),
         ]:
             if row.id not in seen:
                 seen.add(row.id)
@@ -352,7 +379,11 @@ def _reference_params(source_type: str, name: str, parameter: str) -> list[str]:
 
 
 def _forward(
-    conn: Connection, partition_id: int, sources: list[Any], specs: list[str]
+    conn: Connection,
+    partition_id: int,
+    sources: list[Any],
+    specs: list[str],
+    patients: Sequence[str] | None,
 ) -> list[Any]:
     rows: list[Any] = []
     for spec in specs:
@@ -371,6 +402,8 @@ def _forward(
         ]
         if target_type:
             conditions.append(target.c.resource_type == target_type)
+        if patients is not None:
+            conditions.append(compartment_condition(target, patients, target_type))
         statement = (
             select(target.c.id, target.c.resource_type, target.c.logical_id, target.c.content)
             .distinct()
@@ -390,7 +423,11 @@ def _forward(
 
 
 def _reverse(
-    conn: Connection, partition_id: int, targets: list[Any], specs: list[str]
+    conn: Connection,
+    partition_id: int,
+    targets: list[Any],
+    specs: list[str],
+    patients: Sequence[str] | None,
 ) -> list[Any]:
     by_type: dict[str, list[str]] = {}
     for row in targets:
@@ -417,6 +454,9 @@ def _reverse(
         ]
         if source_type != "*":
             conditions.append(source.c.resource_type == source_type)
+        if patients is not None:
+            only = source_type if source_type != "*" else None
+            conditions.append(compartment_condition(source, patients, only))
         statement = (
             select(source.c.id, source.c.resource_type, source.c.logical_id, source.c.content)
             .distinct()

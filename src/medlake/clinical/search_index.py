@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, select
 
 from medlake.clinical._search_values import (
     HIGHEST,
@@ -32,6 +34,7 @@ from medlake.clinical.search_params import (
     SearchParameter,
     parameters_of,
 )
+from medlake.index.bulk_rows import append_rows
 from medlake.index.schema import fhir_resources, fhir_search_values
 
 __all__ = ["extract_values", "index_resource", "index_resources", "reindex_all", "unindex_resource"]
@@ -65,6 +68,8 @@ _STRING_PARTS = (
     "postalCode",
     "country",
 )
+#: The columns of a row, in the order :func:`_value_rows` gives them.
+_ROW_COLUMNS = ("resource_id", "resource_type", "param", *_COLUMNS)
 #: Bound of one IN list (SQLite allows 32766 variables; PostgreSQL many more).
 _CHUNK = 500
 
@@ -76,18 +81,18 @@ def index_resource(conn: Connection, resource_pk: int, resource: dict[str, Any])
 
 
 def index_resources(conn: Connection, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
-    """:func:`index_resource` for many resources at once (one DELETE and one executemany
-    INSERT per 500 resources): the bulk-import form."""
+    """:func:`index_resource` for many resources at once (one DELETE per 500 resources,
+    then every new row appended in one go): the bulk-import form."""
     for start in range(0, len(items), _CHUNK):
-        chunk = items[start : start + _CHUNK]
         conn.execute(
             delete(fhir_search_values).where(
-                fhir_search_values.c.resource_id.in_([pk for pk, _ in chunk])
+                fhir_search_values.c.resource_id.in_(
+                    [pk for pk, _ in items[start : start + _CHUNK]]
+                )
             )
         )
-        rows = [row for pk, resource in chunk for row in _rows(pk, resource)]
-        if rows:
-            conn.execute(insert(fhir_search_values), rows)
+    rows = [row for pk, resource in items for row in _value_rows(pk, resource)]
+    append_rows(conn, fhir_search_values, _ROW_COLUMNS, rows)
 
 
 def unindex_resource(conn: Connection, resource_pk: int) -> None:
@@ -127,54 +132,112 @@ def reindex_all(engine: Engine, *, batch_size: int = 500) -> int:
 
 def extract_values(resource: dict[str, Any]) -> list[Row]:
     """The ``fhir_search_values`` rows of ``resource`` (without ``resource_id``)."""
-    return _rows(None, resource)
+    return [dict(zip(_ROW_COLUMNS, row, strict=True)) for row in _value_rows(None, resource)]
 
 
-def _rows(resource_pk: int | None, resource: dict[str, Any]) -> list[Row]:
-    resource_type = str(resource.get("resourceType", ""))
-    rows: list[Row] = []
+@dataclass(frozen=True)
+class _Plan:
+    """How one parameter of a resource type is extracted: its extractor, and the
+    top-level elements its paths start at (None: evaluate it on every resource, as
+    ``exists()`` paths give a value for absent elements too). Skipping the parameters
+    whose elements a resource lacks saves most of the work of indexing it."""
+
+    param: SearchParameter
+    heads: frozenset[str] | None
+
+
+@cache
+def _plans(resource_type: str) -> tuple[_Plan, ...]:
+    plans = []
     for param in parameters_of(resource_type).values():
-        if param.name in RESOURCE_COLUMN_PARAMETERS:
+        if param.name not in RESOURCE_COLUMN_PARAMETERS:
+            plans.append(_Plan(param, _heads(param)))
+    return tuple(plans)
+
+
+def _heads(param: SearchParameter) -> frozenset[str] | None:
+    """The top-level elements without which ``param`` has no value (None: unknown)."""
+    heads: set[str] = set()
+    for path in param.paths:
+        if path.exists:
+            return None
+        if path.steps:
+            heads.add(path.steps[0][0])
+        elif param.components:
+            # A composite rooted at the resource itself: it has a value only where its
+            # first component (the code) has one.
+            for component_path in param.components[0].paths:
+                if component_path.exists or not component_path.steps:
+                    return None
+                heads.add(component_path.steps[0][0])
+        else:
+            return None
+    return frozenset(heads)
+
+
+def _value_rows(resource_pk: int | None, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of ``resource`` as tuples in the order of ``_ROW_COLUMNS``."""
+    resource_type = str(resource.get("resourceType", ""))
+    rows: list[tuple[Any, ...]] = []
+    memo: _Memo = {}
+    for plan in _plans(resource_type):
+        if plan.heads is not None and plan.heads.isdisjoint(resource.keys()):
             continue
         seen: set[tuple[Any, ...]] = set()
-        for values in _param_values(param, resource):
-            key = tuple(values.get(column) for column in _COLUMNS)
+        for values in _param_values(plan.param, resource, memo):
+            key = tuple(map(values.get, _COLUMNS))
             if key in seen:
                 continue
             seen.add(key)
-            row = dict.fromkeys(_COLUMNS)
-            row.update(values)
-            row["resource_id"] = resource_pk
-            row["resource_type"] = resource_type
-            row["param"] = param.name
-            rows.append(row)
+            rows.append((resource_pk, resource_type, plan.param.name, *key))
     return rows
 
 
-def _param_values(param: SearchParameter, resource: dict[str, Any]) -> Iterable[Row]:
+#: Values already extracted from an element of the resource being indexed, by
+#: (extractor, element identity, reference targets): several parameters read the same
+#: elements (``Observation.code`` feeds ``code``, ``combo-code`` and two composites).
+#: The rows are never changed once made, so sharing them is safe.
+#: The element is kept with its rows, so its identity cannot be reused meanwhile.
+_Memo = dict[tuple[Any, int, tuple[str, ...]], tuple[Any, list[Row]]]
+
+
+def _extracted(extract: Any, element: Any, param: SearchParameter, memo: _Memo) -> list[Row]:
+    # Only reference values depend on the parameter (its targets).
+    key = (extract, id(element), param.targets if extract is _reference_values else ())
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = (element, extract(element, param))
+    return found[1]
+
+
+def _param_values(param: SearchParameter, resource: dict[str, Any], memo: _Memo) -> Iterable[Row]:
     if param.type == "composite":
-        return _composite_values(param, resource)
+        return _composite_values(param, resource, memo)
     extract = _EXTRACTORS[param.type]
     values: list[Row] = []
     for element in param.evaluate(resource):
-        values.extend(extract(element, param))
+        values.extend(_extracted(extract, element, param, memo))
     return values
 
 
-def _composite_values(param: SearchParameter, resource: dict[str, Any]) -> list[Row]:
+def _composite_values(param: SearchParameter, resource: dict[str, Any], memo: _Memo) -> list[Row]:
     first, second = param.components[0], param.components[1]
     values: list[Row] = []
     for root in param.evaluate(resource):
         codes = [
             row
             for element in first.evaluate(root)
-            for row in _token_values(element, param)
+            for row in _extracted(_token_values, element, param, memo)
             if row.get("token_code")
         ]
         if not codes:
             continue
         extract = _EXTRACTORS[second.type]
-        seconds = [row for element in second.evaluate(root) for row in extract(element, param)]
+        seconds = [
+            row
+            for element in second.evaluate(root)
+            for row in _extracted(extract, element, param, memo)
+        ]
         for code in codes:
             for value in seconds:
                 values.append(

@@ -31,6 +31,12 @@ from urllib.parse import parse_qsl
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 
+from medlake.clinical.compartments import (
+    compartment_condition,
+    compartment_patients,
+    outside_compartment,
+    resource_in_compartment,
+)
 from medlake.clinical.resources import (
     check_envelope,
     check_id,
@@ -51,6 +57,7 @@ from medlake.errors import (
     NotFound,
     PreconditionFailed,
 )
+from medlake.index.bulk_rows import append_rows
 from medlake.index.schema import fhir_resource_versions, fhir_resources
 from medlake.index.writes import partition_id
 from medlake.ingest.archive import Archive
@@ -66,6 +73,8 @@ _ATTEMPTS = 5
 _RETRYABLE = frozenset({"23505", "40001", "40P01"})
 #: Parameters of a conditional URL that are not search criteria.
 _NOT_CRITERIA = frozenset({"_format", "_pretty", "_summary", "_elements"})
+#: The ``fhir_resource_versions`` columns a write fills, in the order of its rows.
+_VERSION_COLUMNS = ("resource_id", "version_id", "last_updated", "method", "content")
 _ETAG = re.compile(r'^\s*(?:W/)?"?([0-9]+)"?\s*$')
 
 
@@ -200,15 +209,24 @@ def _retryable(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
 
 
-def run_write(archive: Archive, partition: str, work: Callable[[WriteSession], T]) -> T:
+def run_write(
+    archive: Archive,
+    partition: str,
+    work: Callable[[WriteSession], T],
+    *,
+    compartments: frozenset[str] | None = None,
+) -> T:
     """Run ``work`` in a write transaction of ``partition`` (created on first use),
-    again from the start when PostgreSQL reports a lost race."""
+    again from the start when PostgreSQL reports a lost race. ``compartments``
+    (``Patient/123``) limit what the session may match and write (see
+    :class:`WriteSession`)."""
+    patients = compartment_patients(compartments)
     for attempt in range(1, _ATTEMPTS + 1):
         try:
             with write_transaction(archive) as conn:
                 found = partition_id(conn, partition, create=True)
                 assert found is not None
-                return work(WriteSession(conn, found))
+                return work(WriteSession(conn, found, patients))
         except DBAPIError as exc:
             if not _retryable(exc):
                 raise DatabaseUnavailable(f"the index refused the FHIR write: {exc.orig}") from exc
@@ -255,11 +273,19 @@ class WriteOp:
 
 class WriteSession:
     """The writes of one transaction in one partition; shared by the single
-    interactions and transaction bundles."""
+    interactions and transaction bundles.
 
-    def __init__(self, conn: Connection, partition_pk: int) -> None:
+    With ``patients`` (the ids of the compartments the caller is limited to), searches
+    only match resources in those compartments, and :meth:`apply` refuses (403) to
+    change a resource outside them or to write one that would lie outside them.
+    """
+
+    def __init__(
+        self, conn: Connection, partition_pk: int, patients: Sequence[str] | None = None
+    ) -> None:
         self.conn = conn
         self.partition_pk = partition_pk
+        self.patients = patients
         self.now = now_ms()
         self._postgres = conn.dialect.name == "postgresql"
 
@@ -320,7 +346,9 @@ class WriteSession:
 
     def matches(self, resource_type: str, query: Query) -> list[CurrentRow]:
         """Current, not deleted resources matching search criteria, locked."""
-        pks = matching_resources(self.conn, self.partition_pk, resource_type, query)
+        pks = matching_resources(
+            self.conn, self.partition_pk, resource_type, query, patients=self.patients
+        )
         return [row for row in self.current_by_pk(pks) if not row.deleted]
 
     # writing
@@ -328,6 +356,7 @@ class WriteSession:
     def apply(self, ops: Sequence[WriteOp]) -> list[StoredResource]:
         """Write a new version for each op (each resource at most once), index them,
         and return the stored versions in the order of ``ops``."""
+        self.check_compartments(ops)
         creates: list[WriteOp] = []
         changes: list[WriteOp] = []
         for op in ops:
@@ -337,7 +366,7 @@ class WriteSession:
                 creates.append(op)
             else:
                 changes.append(op)
-        versions: list[dict[str, Any]] = []
+        versions: list[tuple[Any, ...]] = []
         served: list[tuple[WriteOp, dict[str, Any] | None]] = []
         if creates:
             rows = []
@@ -392,24 +421,43 @@ class WriteSession:
         indexed: list[tuple[int, dict[str, Any]]] = []
         for op, resource in served:
             assert op.result is not None
-            versions.append(
-                {
-                    "resource_id": op.result.pk,
-                    "version_id": op.result.version_id,
-                    "last_updated": self.now,
-                    "method": op.method,
-                    "content": None if op.result.content is None else op.result.content.decode(),
-                }
-            )
+            content = None if op.result.content is None else op.result.content.decode()
+            versions.append((op.result.pk, op.result.version_id, self.now, op.method, content))
             if resource is None:
                 unindex_resource(self.conn, op.result.pk)
             else:
                 indexed.append((op.result.pk, resource))
-        if versions:
-            self.conn.execute(insert(fhir_resource_versions), versions)
+        append_rows(self.conn, fhir_resource_versions, _VERSION_COLUMNS, versions)
         if indexed:
             index_resources(self.conn, indexed)
         return [op.result for op in ops if op.result is not None]
+
+    def check_compartments(self, ops: Sequence[WriteOp]) -> None:
+        """403 when the session is limited to compartments and an op changes a resource
+        outside them, or writes a version that would lie outside them."""
+        patients = self.patients
+        if patients is None:
+            return
+        existing = [op.current.pk for op in ops if op.current and not op.current.deleted]
+        inside: set[int] = set()
+        if existing:
+            inside = set(
+                self.conn.execute(
+                    select(fhir_resources.c.id).where(
+                        fhir_resources.c.id.in_(existing),
+                        compartment_condition(fhir_resources, patients),
+                    )
+                ).scalars()
+            )
+        for op in ops:
+            reference = f"{op.resource_type}/{op.logical_id}"
+            if op.current and not op.current.deleted and op.current.pk not in inside:
+                raise outside_compartment(reference, patients)
+            if op.resource is not None:
+                served = {**op.resource, "resourceType": op.resource_type, "id": op.logical_id}
+                if not resource_in_compartment(served, patients):
+                    what = f"the new {op.resource_type}" if op.method == "POST" else reference
+                    raise outside_compartment(what, patients)
 
     def _serve(self, op: WriteOp, version: int) -> tuple[str | None, dict[str, Any] | None]:
         """The JSON text and dict of the new version (None, None for a delete)."""
@@ -564,14 +612,24 @@ def create_resource(
     *,
     partition: str = DEFAULT_PARTITION,
     if_none_exist: str | Query | None = None,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
     """Create a resource with a server-assigned id (``create``; any id in the body is
     ignored, as FHIR says). With ``if_none_exist`` (criteria, e.g.
     ``identifier=http://x|1``) it is a conditional create: one match is returned
-    unchanged (``outcome == "unchanged"``), several are 412."""
+    unchanged (``outcome == "unchanged"``), several are 412.
+
+    ``compartments`` (here and in the other interactions: the ``Patient/123`` a caller
+    is limited to, ``None`` for no limit) restrict what criteria match; a resource that
+    would lie outside them is refused (403)."""
     _checked(resource)
     condition = criteria(if_none_exist) if if_none_exist is not None else None
-    return run_write(archive, partition, lambda s: s.create(resource, if_none_exist=condition))
+    return run_write(
+        archive,
+        partition,
+        lambda s: s.create(resource, if_none_exist=condition),
+        compartments=compartments,
+    )
 
 
 def update_resource(
@@ -582,6 +640,7 @@ def update_resource(
     *,
     partition: str = DEFAULT_PARTITION,
     if_match: int | None = None,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
     """Store a new version of ``Type/id`` (``update``); a resource that does not exist
     (or was deleted) is created with that id. ``if_match`` is the version the client
@@ -594,6 +653,7 @@ def update_resource(
         archive,
         partition,
         lambda s: s.update(resource_type, resource_id, resource, if_match=if_match),
+        compartments=compartments,
     )
 
 
@@ -605,6 +665,7 @@ def conditional_update(
     *,
     partition: str = DEFAULT_PARTITION,
     if_match: int | None = None,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
     """``PUT /Type?criteria``: update the one match; with none, create the resource
     (with the id of the body, if it has one); 412 for several matches, 400 when the
@@ -628,7 +689,7 @@ def conditional_update(
             raise InvalidResource(message, issues=[issue("invalid", message)])
         return session.update(resource_type, found.logical_id, resource, if_match=if_match)
 
-    return run_write(archive, partition, work)
+    return run_write(archive, partition, work, compartments=compartments)
 
 
 def delete_resource(
@@ -638,6 +699,7 @@ def delete_resource(
     *,
     partition: str = DEFAULT_PARTITION,
     if_match: int | None = None,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
     """Delete ``Type/id``: a new version marked deleted (history keeps the others).
     Deleting what does not exist, or is deleted, changes nothing
@@ -645,7 +707,10 @@ def delete_resource(
     check_resource_type(resource_type)
     check_id(resource_id)
     return run_write(
-        archive, partition, lambda s: s.delete(resource_type, resource_id, if_match=if_match)
+        archive,
+        partition,
+        lambda s: s.delete(resource_type, resource_id, if_match=if_match),
+        compartments=compartments,
     )
 
 
@@ -655,6 +720,7 @@ def conditional_delete(
     query: str | Query,
     *,
     partition: str = DEFAULT_PARTITION,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource | None:
     """``DELETE /Type?criteria``: delete the one match (None when nothing matches);
     412 for several matches."""
@@ -667,7 +733,7 @@ def conditional_delete(
             return None
         return session.delete(resource_type, found.logical_id)
 
-    return run_write(archive, partition, work)
+    return run_write(archive, partition, work, compartments=compartments)
 
 
 # --- reads ---------------------------------------------------------------------------------
@@ -692,10 +758,43 @@ def _from_row(row: Any, *, outcome: str = "updated") -> StoredResource:
     )
 
 
+def _last_content(conn: Connection, pk: int, before: int | None = None) -> str | None:
+    """The JSON of the newest version of a resource that has content (before version
+    ``before``): what a deleted resource was."""
+    v = fhir_resource_versions.c
+    query = select(v.content).where(v.resource_id == pk, v.content.is_not(None))
+    if before is not None:
+        query = query.where(v.version_id < before)
+    content: str | None = conn.execute(
+        query.order_by(v.version_id.desc()).limit(1)
+    ).scalar_one_or_none()
+    return content
+
+
+def _visible(conn: Connection, stored: StoredResource, patients: Sequence[str] | None) -> bool:
+    """Whether a caller limited to ``patients``' compartments (``None``: no limit) may
+    see this version; a deletion is judged by the version it deleted."""
+    if patients is None:
+        return True
+    content: str | bytes | None = stored.content
+    if content is None:
+        content = _last_content(conn, stored.pk, stored.version_id)
+    if content is None:
+        return False
+    return resource_in_compartment(parse_json(content, "stored resource"), patients)
+
+
 def read_current(
-    conn: Connection, partition_pk: int, resource_type: str, resource_id: str
+    conn: Connection,
+    partition_pk: int,
+    resource_type: str,
+    resource_id: str,
+    *,
+    patients: Sequence[str] | None = None,
 ) -> StoredResource:
-    """``read`` inside an open transaction: 404 when unknown, 410 when deleted."""
+    """``read`` inside an open transaction: 404 when unknown, 410 when deleted. With
+    ``patients``, a resource outside their compartments is 404 too (its existence is
+    not revealed)."""
     check_resource_type(resource_type)
     check_id(resource_id)
     row = conn.execute(
@@ -705,9 +804,9 @@ def read_current(
             fhir_resources.c.logical_id == resource_id,
         )
     ).one_or_none()
-    if row is None:
+    stored = _from_row(row) if row is not None else None
+    if stored is None or not _visible(conn, stored, patients):
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
-    stored = _from_row(row)
     if stored.deleted:
         raise Gone(
             f"{resource_type}/{resource_id} was deleted (version {stored.version_id})",
@@ -717,10 +816,17 @@ def read_current(
 
 
 def read_version(
-    conn: Connection, partition_pk: int, resource_type: str, resource_id: str, version: int
+    conn: Connection,
+    partition_pk: int,
+    resource_type: str,
+    resource_id: str,
+    version: int,
+    *,
+    patients: Sequence[str] | None = None,
 ) -> StoredResource:
-    """``vread`` inside an open transaction: 404 for an unknown version, 410 for the
-    version that deleted the resource."""
+    """``vread`` inside an open transaction: 404 for an unknown version (or, with
+    ``patients``, one outside their compartments), 410 for the version that deleted
+    the resource."""
     check_resource_type(resource_type)
     check_id(resource_id)
     v = fhir_resource_versions.c
@@ -737,9 +843,9 @@ def read_version(
             v.version_id == version,
         )
     ).one_or_none()
-    if row is None:
+    stored = _version_from_row(row) if row is not None else None
+    if stored is None or not _visible(conn, stored, patients):
         raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
-    stored = _version_from_row(row)
     if stored.deleted:
         raise Gone(
             f"version {version} of {resource_type}/{resource_id} is its deletion",
@@ -763,11 +869,19 @@ def _version_from_row(row: Any) -> StoredResource:
 
 
 def read_resource(
-    archive: Archive, resource_type: str, resource_id: str, *, partition: str = DEFAULT_PARTITION
+    archive: Archive,
+    resource_type: str,
+    resource_id: str,
+    *,
+    partition: str = DEFAULT_PARTITION,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
-    """The current version of ``Type/id`` (``read``): 404 unknown, 410 deleted."""
+    """The current version of ``Type/id`` (``read``): 404 unknown (or outside
+    ``compartments``), 410 deleted."""
+    patients = compartment_patients(compartments)
     with archive.engine.connect() as conn:
-        return read_current(conn, _partition_for_read(conn, partition), resource_type, resource_id)
+        partition_pk = _partition_for_read(conn, partition)
+        return read_current(conn, partition_pk, resource_type, resource_id, patients=patients)
 
 
 def vread_resource(
@@ -777,11 +891,14 @@ def vread_resource(
     version: int,
     *,
     partition: str = DEFAULT_PARTITION,
+    compartments: frozenset[str] | None = None,
 ) -> StoredResource:
-    """Version ``version`` of ``Type/id`` (``vread``)."""
+    """Version ``version`` of ``Type/id`` (``vread``); 404 outside ``compartments``."""
+    patients = compartment_patients(compartments)
     with archive.engine.connect() as conn:
+        partition_pk = _partition_for_read(conn, partition)
         return read_version(
-            conn, _partition_for_read(conn, partition), resource_type, resource_id, version
+            conn, partition_pk, resource_type, resource_id, version, patients=patients
         )
 
 
@@ -794,10 +911,16 @@ def history(
     since: dt.datetime | None = None,
     count: int = 100,
     cursor: int | None = None,
+    compartments: frozenset[str] | None = None,
 ) -> HistoryPage:
     """Versions newest first (``_history``) of the whole partition, one type, or one
     resource; ``since`` keeps versions made at or after it; ``count`` is the page size
-    and ``cursor`` the ``next_cursor`` of the previous page. Unknown resource: 404."""
+    and ``cursor`` the ``next_cursor`` of the previous page. Unknown resource: 404.
+
+    With ``compartments`` only resources now in them are listed (a resource outside,
+    or deleted, is 404 / left out), and a version whose content was outside them (the
+    resource moved between patients) is left out of its page."""
+    patients = compartment_patients(compartments)
     if count < 0:
         raise InvalidInput(f"_count must not be negative, not {count}")
     if resource_type is not None:
@@ -811,6 +934,8 @@ def history(
         conditions = [r.partition_id == partition_pk]
         if resource_type is not None:
             conditions.append(r.resource_type == resource_type)
+        if patients is not None:
+            conditions.append(compartment_condition(fhir_resources, patients, resource_type))
         if resource_id is not None:
             conditions.append(r.logical_id == resource_id)
             exists = conn.execute(select(r.id).where(and_(*conditions))).first()
@@ -836,7 +961,15 @@ def history(
         ).all()  # fmt: skip
     page = rows[:count]
     next_cursor = page[-1].row_id if len(rows) > count and page else None
-    return HistoryPage([_version_from_row(row) for row in page], total, next_cursor)
+    versions = [_version_from_row(row) for row in page]
+    if patients is not None:
+        versions = [
+            version
+            for version in versions
+            if version.content is None
+            or resource_in_compartment(version.resource() or {}, patients)
+        ]
+    return HistoryPage(versions, total, next_cursor)
 
 
 __all__ = [

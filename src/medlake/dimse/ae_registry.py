@@ -13,10 +13,8 @@ DIMSE services ask the same policy decision point as HTTP.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ from medlake.index.schema import application_entities
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
 from medlake.security import Action, Grant, Principal, PrincipalKind, Role, authorize
+from medlake.security.peer_address import host_matches
 from medlake.types import DEFAULT_PARTITION, check_partition
 
 log = logging.getLogger(__name__)
@@ -307,33 +306,6 @@ def calling_ae_rules(
         authorize(principal, Action.DICOM_SEARCH, partition).allowed,
         known is not None, principal, address,
     )  # fmt: skip
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # ::ffff:10.0.0.5 is 10.0.0.5 (dual-stack sockets)
-    return address
-
-
-def host_matches(host: str, address: str) -> bool:
-    """Whether ``address`` (a peer's IP) is ``host``: the same IP, or one that the host
-    name resolves to (a name that does not resolve matches nothing)."""
-    peer = _address(address)
-    if peer is None:
-        return False
-    literal = _address(host)
-    if literal is not None:
-        return literal == peer
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        log.warning("cannot resolve %s to check a calling AE's address: %s", host, exc)
-        return False
-    return any(_address(str(info[4][0])) == peer for info in infos)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """DICOM over TLS: the BCP 195 TLS Secure Transport Connection Profiles of PS3.15
-(B.9 / B.10 non-downgrading / B.12): TLS 1.2 or 1.3 only, TLS 1.2 limited to the
-ECDHE/DHE AES-GCM (and ChaCha20-Poly1305) suites, certificates from ``tls_cert_file`` /
-``tls_key_file``, peers' certificates checked against ``dimse_tls_ca_file``.
+(B.9 / B.10 non-downgrading / B.12), as :mod:`medlake.security.tls` builds them
+(shared with MLLP), with certificates from ``tls_cert_file`` / ``tls_key_file`` and
+peers' certificates checked against ``dimse_tls_ca_file``.
 
 The SCP listens for TLS on its own port (``dimse_tls_port``, DICOM's registered port
 is 2762). pynetdicom's server does the TLS handshake in its accepting thread, so one
@@ -16,76 +16,38 @@ import contextlib
 import logging
 import socket
 import ssl
-from pathlib import Path
 from typing import Any
 
 from medlake.config import Settings
 from medlake.dimse._transport import EventDrivenRequestHandler
 from medlake.dimse.ae_registry import find_ae
-from medlake.errors import InvalidInput
 from medlake.ingest.archive import Archive
+from medlake.security import tls
+from medlake.security.tls import BCP195_TLS12_CIPHERS, peer_certificate_subject
 
 log = logging.getLogger(__name__)
-
-#: TLS 1.2 suites of the BCP 195 profiles (PS3.15 B.10 lists the four RSA ones; B.10
-#: allows others of similar or greater strength). TLS 1.3 suites are all AEAD already.
-BCP195_TLS12_CIPHERS = ":".join(
-    [
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-    ]
-)
-
-
-def _profile(context: ssl.SSLContext) -> ssl.SSLContext:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # never TLS 1.0 / 1.1 (non-downgrading)
-    context.set_ciphers(BCP195_TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    return context
-
-
-def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidInput(f"cannot load the TLS certificate {cert} with key {key}: {exc}") from exc
-
-
-def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
-    try:
-        context.load_verify_locations(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidInput(f"cannot load the CA certificates {ca_file}: {exc}") from exc
 
 
 def server_context(settings: Settings) -> ssl.SSLContext:
     """The TLS context of the SCP's TLS port: our certificate; with ``dimse_tls_ca_file``
     a client certificate signed by one of its CAs is required (mutual TLS)."""
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        raise InvalidInput("dimse_tls_port needs tls_cert_file and tls_key_file")
-    context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    _load_chain(context, settings.tls_cert_file, settings.tls_key_file)
-    if settings.dimse_tls_ca_file is not None:
-        _load_ca(context, settings.dimse_tls_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    return tls.server_context(
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.dimse_tls_ca_file,
+        port_setting="dimse_tls_port",
+    )
 
 
 def client_context(settings: Settings) -> ssl.SSLContext:
     """The TLS context of medlake as an SCU (send, retrieve, C-MOVE sub-operations): the
     peer's certificate must chain to ``dimse_tls_ca_file`` (else the system's CAs) and
     name the host connected to; ours (``tls_cert_file``) is offered for mutual TLS."""
-    context = _profile(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
+    context = tls.bcp195_profile(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
     if settings.dimse_tls_ca_file is not None:
-        _load_ca(context, settings.dimse_tls_ca_file)
+        tls.load_trusted_cas(context, settings.dimse_tls_ca_file)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        _load_chain(context, settings.tls_cert_file, settings.tls_key_file)
+        tls.load_certificate(context, settings.tls_cert_file, settings.tls_key_file)
     return context
 
 
@@ -97,26 +59,6 @@ def tls_args_for(archive: Archive, ae_title: str, host: str) -> tuple[ssl.SSLCon
     if known is None or not known.tls:
         return None
     return client_context(archive.settings), host
-
-
-def peer_certificate_subject(sock: Any) -> str | None:
-    """The subject of the certificate the peer presented on ``sock`` (``CN=…, O=…``), or
-    None (no TLS, or no client certificate)."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    certificate: Any = sock.getpeercert()
-    if not certificate:
-        return None
-    parts = [
-        f"{_SHORT.get(name, name)}={value}"
-        for rdn in certificate.get("subject", ())
-        for name, value in rdn
-    ]
-    return ", ".join(parts) or None
-
-
-_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-          "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}  # fmt: skip
 
 
 class DeferredHandshake:

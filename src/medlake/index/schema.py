@@ -471,6 +471,24 @@ hl7_messages = Table(
     Index(None, "received_at"),
 )
 
+#: The senders the MLLP listener accepts when authentication is on (migration 0011): a
+#: message is theirs when it comes from ``host`` (``*``: any address), over TLS with a
+#: client certificate whose subject has every attribute of ``tls_subject`` (when set),
+#: with MSH-3 / MSH-4 equal to ``sending_application`` / ``sending_facility`` (when set).
+hl7_senders = Table(
+    "hl7_senders",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("host", String(255), nullable=False),
+    Column("partition", String(64), nullable=False),
+    Column("sending_application", String(255)),
+    Column("sending_facility", String(255)),
+    Column("tls_subject", String(255)),
+    Column("description", Text),
+    Column("created_at", TS, nullable=False),
+)
+
 # --- security: principals, role grants, API tokens, audit log -------------------------------
 
 #: Who may act: a user (the ``sub`` of an OIDC token), a token holder, or a DICOM AE.
@@ -656,4 +674,29 @@ sync_cursors = Table(
     Column("name", String(64), primary_key=True),
     Column("position", BigInteger, nullable=False),
     Column("updated_at", TS, nullable=False),
+)
+
+# --- de-identified views ------------------------------------------------------------------
+
+#: The secret of the lake's pseudonyms (HMAC-SHA256 key, one row, id 1): in the index so
+#: that every replica of a scaled-out deployment issues the same pseudonyms.
+deid_keys = Table(
+    "deid_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("secret", LargeBinary, nullable=False),
+    Column("created_at", TS, nullable=False),
+)
+
+#: The way back from a pseudonym the de-identified views handed out to what it replaced:
+#: ``kind`` ``uid`` (a DICOM UID), ``patient`` (a DICOM Patient ID) or ``fhir:{Type}``
+#: (a FHIR logical id). Rows are only added (a pseudonym never changes).
+deid_pseudonyms = Table(
+    "deid_pseudonyms",
+    metadata,
+    Column("partition_id", ForeignKey("partitions.id"), primary_key=True),
+    Column("kind", String(80), primary_key=True),
+    Column("pseudonym", String(64), primary_key=True),
+    Column("original", String(256), nullable=False),
+    Column("created_at", TS, nullable=False),
 )

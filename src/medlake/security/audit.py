@@ -17,7 +17,7 @@ import base64
 import datetime as dt
 import enum
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -47,6 +47,7 @@ DCM_CODES = {
     "110113": "Security Alert",
     "110114": "User Authentication",
     "110122": "Login",
+    "110123": "Logout",
     "110128": "Network Configuration",
     "110129": "Security Configuration",
     "110131": "Software Configuration",
@@ -103,6 +104,9 @@ AUDITED_ACTIONS: dict[Action, AuditEventType] = {
 #: A request without valid credentials, and one refused to an authenticated principal.
 AUTHENTICATION_FAILED = AuditEventType("110114", "110122", "E")
 ACCESS_DENIED = AuditEventType("110113", "110132", "E")
+#: A browser session opened (login link or API token) and ended.
+LOGIN = AuditEventType("110114", "110122", "E")
+LOGOUT = AuditEventType("110114", "110123", "E")
 
 
 @dataclass(frozen=True)
@@ -182,31 +186,48 @@ def append_audit(
     conn: Connection, record: AuditRecord, *, now: dt.datetime | None = None
 ) -> StoredAudit:
     """Append ``record`` in the caller's transaction (it commits with the caller's change)."""
+    return append_audits(conn, [record], now=now)[0]
+
+
+def append_audits(
+    conn: Connection, records: Sequence[AuditRecord], *, now: dt.datetime | None = None
+) -> list[StoredAudit]:
+    """Append ``records``, in order, in the caller's transaction: one lock, one read of
+    the chain's head and one multi-row insert for all of them (the MLLP listener writes
+    a group of messages' records with their rows)."""
+    if not records:
+        return []
     _lock_chain(conn)
     head = conn.execute(
         select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
     ).first()
-    row: dict[str, Any] = {
-        "seq": head.seq + 1 if head else 1,
-        "recorded_at": now or utcnow(),
-        "event_type": record.event.code,
-        "event_subtype": record.event.subtype,
-        "action": record.action or record.event.action,
-        "outcome": int(record.outcome),
-        "operation": record.operation,
-        "actor": record.actor[:255],
-        "actor_kind": record.actor_kind,
-        "actor_name": record.actor_name[:255] if record.actor_name else None,
-        "source_address": record.source_address,
-        "partition": record.partition,
-        "entity": orjson.dumps(dict(record.entity), option=orjson.OPT_SORT_KEYS).decode(),
-        "request": record.request,
-        "detail": record.detail,
-        "prev_hash": head.hash if head else GENESIS_HASH,
-    }
-    row["hash"] = record_hash(row)
-    conn.execute(audit_log.insert().values(**row))
-    return StoredAudit(row["seq"], row["hash"])
+    seq, previous = (head.seq, head.hash) if head else (0, GENESIS_HASH)
+    recorded_at = now or utcnow()
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        seq += 1
+        row: dict[str, Any] = {
+            "seq": seq,
+            "recorded_at": recorded_at,
+            "event_type": record.event.code,
+            "event_subtype": record.event.subtype,
+            "action": record.action or record.event.action,
+            "outcome": int(record.outcome),
+            "operation": record.operation,
+            "actor": record.actor[:255],
+            "actor_kind": record.actor_kind,
+            "actor_name": record.actor_name[:255] if record.actor_name else None,
+            "source_address": record.source_address,
+            "partition": record.partition,
+            "entity": orjson.dumps(dict(record.entity), option=orjson.OPT_SORT_KEYS).decode(),
+            "request": record.request,
+            "detail": record.detail,
+            "prev_hash": previous,
+        }
+        row["hash"] = previous = record_hash(row)
+        rows.append(row)
+    conn.execute(audit_log.insert(), rows)
+    return [StoredAudit(row["seq"], row["hash"]) for row in rows]
 
 
 def record_audit(engine: Engine, record: AuditRecord) -> StoredAudit:
@@ -399,12 +420,15 @@ __all__ = [
     "DCM",
     "DCM_CODES",
     "GENESIS_HASH",
+    "LOGIN",
+    "LOGOUT",
     "AuditEventType",
     "AuditRecord",
     "Outcome",
     "StoredAudit",
     "VerifyResult",
     "append_audit",
+    "append_audits",
     "audit_event",
     "export_audit_events",
     "record_audit",

@@ -4,7 +4,7 @@ Every adapter (HTTP routes, DIMSE, MLLP, CLI) asks :func:`authorize` and acts on
 :class:`Decision`. Deny by default: an action is allowed only when a role the principal
 holds in the partition lists it in :data:`ROLE_ACTIONS` (and, for FHIR, when its SMART
 scopes allow the interaction). Public actions (health, API documentation, FHIR
-capabilities, static viewer files) need no principal at all.
+capabilities, static viewer files, signing in and out) need no principal at all.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class Action(enum.StrEnum):
     HEALTH = "system.health"
     DOCS = "system.docs"
     STATIC = "system.static"
+    LOGIN = "session.login"  # a browser signs in (login link or API token) for a cookie
+    LOGOUT = "session.logout"
     METRICS_READ = "system.metrics"
     PARTITION_LIST = "partition.list"
     PARTITION_CREATE = "partition.create"
@@ -56,7 +58,17 @@ class Action(enum.StrEnum):
 
 
 #: Actions anyone may ask for, authenticated or not (nothing in them is PHI).
-PUBLIC_ACTIONS = frozenset({Action.HEALTH, Action.DOCS, Action.STATIC, Action.FHIR_CAPABILITIES})
+PUBLIC_ACTIONS = frozenset(
+    {
+        Action.HEALTH,
+        Action.DOCS,
+        Action.STATIC,
+        Action.FHIR_CAPABILITIES,
+        # signing in and out check the credential themselves (medlake.api.login_routes)
+        Action.LOGIN,
+        Action.LOGOUT,
+    }
+)
 
 #: FHIR actions and the SMART interaction each needs.
 FHIR_INTERACTIONS: dict[Action, frozenset[Interaction]] = {
@@ -71,6 +83,10 @@ FHIR_INTERACTIONS: dict[Action, frozenset[Interaction]] = {
     # Bulk Data: an export reads every resource of its types (system/*.read).
     Action.FHIR_EXPORT: frozenset({Interaction.READ}),
     Action.FHIR_IMPORT: frozenset({Interaction.CREATE, Interaction.UPDATE}),
+    # A bulk job's status and cancel: what its kick-off needed (export or import). As a
+    # FHIR action, compartment grants and patient/ scopes limit it to the caller's own
+    # compartment-limited exports.
+    Action.FHIR_BULK_STATUS: frozenset({Interaction.READ, Interaction.CREATE, Interaction.UPDATE}),
 }
 
 _READ_PHI = frozenset(

@@ -1,8 +1,8 @@
 """Who is asking: principals, their roles per partition, and where grants are stored.
 
-A :class:`Principal` is built by an adapter (HTTP bearer token, DIMSE calling AE) and
-handed to :func:`medlake.security.policy.authorize`; services receive it as an argument
-and never read headers themselves.
+A :class:`Principal` is built by an adapter (HTTP bearer token, DIMSE calling AE, HL7
+v2 sender) and handed to :func:`medlake.security.policy.authorize`; services receive it
+as an argument and never read headers themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class PrincipalKind(enum.StrEnum):
     USER = "user"  # an OIDC / OAuth2 bearer token
     TOKEN = "token"  # a medlake API token
     AE = "ae"  # a DICOM Application Entity (calling AE title + host)
+    HL7_SENDER = "hl7"  # a registered HL7 v2 sender (MLLP: host, MSH-3/4, TLS subject)
 
 
 def parse_role(text: str) -> Role:

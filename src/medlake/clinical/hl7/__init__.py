@@ -4,6 +4,7 @@
 - :class:`Hl7Mapper` — the background worker mapping stored messages to FHIR R4.
 - :func:`map_message` — a parsed message as a FHIR transaction Bundle (pure).
 - :func:`list_messages` / :func:`get_message` — the stored messages (``hl7_messages``).
+- :class:`Hl7Sender`, :func:`add_sender` … — who may send (``hl7_senders``).
 """
 
 from medlake.clinical.hl7.errors import ErrorCode, Hl7Issue, MllpError
@@ -19,6 +20,14 @@ from medlake.clinical.hl7.records import (
     get_message,
     list_messages,
 )
+from medlake.clinical.hl7.senders import (
+    Hl7Sender,
+    PeerIdentity,
+    SenderDirectory,
+    add_sender,
+    list_senders,
+    remove_sender,
+)
 from medlake.clinical.hl7.validation import validate
 
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "ErrorCode",
     "Hl7Issue",
     "Hl7Mapper",
+    "Hl7Sender",
     "MappingPlan",
     "MessageQuery",
     "MessageRow",
@@ -34,11 +44,16 @@ __all__ = [
     "MllpListener",
     "ParsedMessage",
     "PatientMerge",
+    "PeerIdentity",
+    "SenderDirectory",
+    "add_sender",
     "decode_message",
     "frame",
     "get_message",
     "list_messages",
+    "list_senders",
     "map_message",
     "map_stored_message",
+    "remove_sender",
     "validate",
 ]
