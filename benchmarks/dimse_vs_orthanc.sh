@@ -5,7 +5,9 @@
 #   2. a fresh, empty `medlake serve` with DIMSE on: measure.sh cstore verify (dcmtk
 #      storescu, one association, TCP_NODELAY=1), the QIDO-RS set, and the same
 #      queries as C-FIND (dimse_find_latency.py)                  -> $OUT_DIR/dimse.txt
-#   3. the target: C-STORE instances/s >= 2 x Orthanc's            -> $OUT_DIR/targets.txt
+#   3. the ceiling: pynetdicom storing nothing + one durable write  -> $OUT_DIR/dimse.txt
+#      (benchmarks/dimse_floor.py)
+#   4. the target: C-STORE instances/s >= 2 x Orthanc's            -> $OUT_DIR/targets.txt
 # Exit status: 0 only if the target passes and every answer count was right.
 #
 # Environment [default]:
@@ -103,8 +105,10 @@ DICOMWEB_URL="http://127.0.0.1:$PORT/dicomweb" SERVER_PID="$SERVER_PID" RUNS="$R
 "$PYTHON" "$REPO/benchmarks/dimse_find_latency.py" 127.0.0.1 "$DPORT" MEDLAKE "$DATASET" --runs "$RUNS" \
   | tee -a "$RESULTS" || rc=$?
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+{ echo; echo "## the ceiling on this machine: pynetdicom storing nothing, and one durable write"; } >>"$RESULTS"
+"$PYTHON" "$REPO/benchmarks/dimse_floor.py" "$DATASET" "$BENCH_WORK" | tee -a "$RESULTS" || rc=$?
 
-# 3. The target, from both files.
+# 4. The target, from both files.
 fig_of() { awk -v f="$1" '$1 == f { print $2; exit }' "$2"; }
 ours="$(fig_of cstore.inst_per_s "$RESULTS")"
 theirs="$(fig_of cstore.inst_per_s "$OUT_DIR/orthanc.txt")"
@@ -114,6 +118,10 @@ theirs="$(fig_of cstore.inst_per_s "$OUT_DIR/orthanc.txt")"
   ratio="$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", a / b }')"
   printf '%-34s %12s %-10s  # %s\n' compare.cstore_vs_orthanc "$ratio" ratio \
     "medlake $ours inst/s / Orthanc $theirs inst/s (storescu, TCP_NODELAY=1, 1 association)"
+  ceiling="$(fig_of floor.ceiling.inst_per_s "$RESULTS")"
+  printf '%-34s %12s %-10s  # %s\n' compare.ceiling_vs_orthanc \
+    "$(awk -v a="$ceiling" -v b="$theirs" 'BEGIN { printf "%.2f", a / b }')" ratio \
+    "the most a pynetdicom SCP storing durably could reach here / Orthanc"
   for q in studies_by_patientid studies_by_date_range studies_by_name_wildcard series_by_modality instances_of_series; do
     printf '%-34s %12s %-10s  # %s\n' "compare.cfind_vs_qido.$q" \
       "$(awk -v a="$(fig_of "cfind.${q}_ms" "$RESULTS")" -v b="$(fig_of "qido.${q}_ms" "$RESULTS")" 'BEGIN { printf "%.2f", a / b }')" \
