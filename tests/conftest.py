@@ -10,6 +10,7 @@ unreachable server skips the ``[postgresql]`` variants.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from fastapi import FastAPI
 from pydicom.data import get_testdata_file
 from tests.dicomweb_payloads import copy_with_uids, multipart_body, new_boundary, stow_headers
 from tests.lake_inspection import LakeInspection
+from typer.testing import CliRunner
 
 from medlake.api import create_app
 from medlake.cli.demo_data import write_demo_studies
@@ -106,6 +108,30 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 # --- archive, app, servers ---------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Put the root logger back after each test: a command run in-process configures
+    logging (handlers on that test's captured streams), which must not leak into the next."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A data folder for commands run in-process (created by them)."""
+    return tmp_path / "medlake-data"
+
+
+@pytest.fixture
+def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """Runs commands in-process with the index at ``db_url`` (MEDLAKE_DATABASE_URL)."""
+    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
+    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 
 @pytest.fixture

@@ -18,18 +18,6 @@ from medlake.ingest.archive import Archive
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "medlake-data"
-
-
-@pytest.fixture
-def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    """Runs commands in-process with the index at ``db_url`` (MEDLAKE_DATABASE_URL)."""
-    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
-    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
-
-
-@pytest.fixture
 def inspect(data: Path, db_url: str) -> Iterator[Callable[[], LakeInspection]]:
     """``inspect()``: open the archive the commands wrote to (after they ran) and look at it."""
     opened: list[Archive] = []

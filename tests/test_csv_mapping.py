@@ -26,17 +26,6 @@ SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "csv"
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "medlake-data"
-
-
-@pytest.fixture
-def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
-    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
-
-
-@pytest.fixture
 def opened(data: Path, db_url: str) -> Iterator[Callable[[], Archive]]:
     archives: list[Archive] = []
 

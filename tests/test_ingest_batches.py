@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 from starlette.testclient import TestClient
 from tests.ingest_files import bad_file, make_instances
 from typer.testing import CliRunner
@@ -17,12 +16,6 @@ from medlake.config import Settings
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import BatchStatus
 from medlake.ingest.pipeline import ingest
-
-
-@pytest.fixture
-def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
-    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 
 def _mixed_folder(folder: Path, good: int = 3) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from sqlalchemy import update
 from starlette.testclient import TestClient
 from tests.ingest_files import make_instances
@@ -79,12 +78,6 @@ def test_stow_batches_reconcile(stow, archive: Archive, samples: dict[str, Path]
     result = reconcile_batch(archive, response.headers["x-medlake-batch"])
 
     assert result.balanced and result.figures["instance_rows"] == 2
-
-
-@pytest.fixture
-def runner(db_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("MEDLAKE_DATABASE_URL", db_url)
-    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 
 def test_cli_reconcile(runner: CliRunner, tmp_path: Path, db_url: str) -> None:
