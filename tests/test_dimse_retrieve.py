@@ -71,6 +71,20 @@ def destination(scp: RunningScp, storescp: StoreScp) -> StoreScp:
     return storescp
 
 
+def _c_move(scp: RunningScp, destination: str, **keys: str) -> list[tuple[Dataset, object]]:
+    """Every response of a Study Root C-MOVE (pynetdicom SCU) of ``keys`` to ``destination``."""
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
+    try:
+        return list(assoc.send_c_move(identifier, destination, STUDY_ROOT_MOVE))
+    finally:
+        assoc.release()
+
+
 def _unpadded(ds: Dataset) -> Dataset:
     if 0xFFFCFFFC in ds:
         del ds[0xFFFCFFFC]
@@ -118,17 +132,13 @@ def test_movescu_moves_a_study_into_storescp(
 def test_c_move_of_a_series_reports_the_sub_operations(
     scp: RunningScp, study: dict[str, object], destination: StoreScp
 ) -> None:
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.StudyInstanceUID = study["study"]
-    identifier.SeriesInstanceUID = study["mr"]
-    ae = AE(ae_title="MOVESCU")
-    ae.add_requested_context(STUDY_ROOT_MOVE)
-    assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
-    try:
-        responses = list(assoc.send_c_move(identifier, destination.ae_title, STUDY_ROOT_MOVE))
-    finally:
-        assoc.release()
+    responses = _c_move(
+        scp,
+        destination.ae_title,
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=str(study["study"]),
+        SeriesInstanceUID=str(study["mr"]),
+    )
 
     final = responses[-1][0]
     assert final.Status == 0x0000
@@ -160,16 +170,9 @@ def test_c_move_to_an_unknown_destination_is_a801(
     )
 
     assert "MoveDestinationUnknown" in output(result)
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study["study"]
-    ae = AE(ae_title="MOVESCU")
-    ae.add_requested_context(STUDY_ROOT_MOVE)
-    assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
-    try:
-        responses = list(assoc.send_c_move(identifier, "NOWHERE", STUDY_ROOT_MOVE))
-    finally:
-        assoc.release()
+    responses = _c_move(
+        scp, "NOWHERE", QueryRetrieveLevel="STUDY", StudyInstanceUID=str(study["study"])
+    )
     assert responses[-1][0].Status == 0xA801
 
 
@@ -180,16 +183,9 @@ def test_c_move_to_a_destination_that_does_not_answer_fails_cleanly(
 
     add_ae(scp.archive, ApplicationEntity("DOWN", "127.0.0.1", free_port()), replace=True)
     try:
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = "STUDY"
-        identifier.StudyInstanceUID = study["study"]
-        ae = AE(ae_title="MOVESCU")
-        ae.add_requested_context(STUDY_ROOT_MOVE)
-        assoc = ae.associate("127.0.0.1", scp.server.port, ae_title=scp.ae_title)
-        try:
-            responses = list(assoc.send_c_move(identifier, "DOWN", STUDY_ROOT_MOVE))
-        finally:
-            assoc.release()
+        responses = _c_move(
+            scp, "DOWN", QueryRetrieveLevel="STUDY", StudyInstanceUID=str(study["study"])
+        )
     finally:
         remove_ae(scp.archive, "DOWN")
 

@@ -32,6 +32,19 @@ def _referenced(body: dict) -> list[str]:
     ]
 
 
+def _changed_copy(path: Path, folder: Path) -> Path:
+    """The same instance (same UIDs) with other bytes: another PatientName."""
+    study, series, sop = _uids(path)
+    return copy_with_uids(
+        path,
+        folder / "changed.dcm",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        PatientName="CHANGED^NAME",
+    )
+
+
 def _failed(body: dict) -> dict[str, int]:
     return {
         i[SOP_INSTANCE_UID].get("Value", ["?"])[0]: i[FAILURE_REASON]["Value"][0]
@@ -165,14 +178,7 @@ def test_same_instance_with_other_bytes_is_a_conflict(
 ) -> None:
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
-    changed = copy_with_uids(
-        ct,
-        tmp_path / "changed.dcm",
-        study_uid=study,
-        series_uid=series,
-        sop_uid=sop,
-        PatientName="CHANGED^NAME",
-    )
+    changed = _changed_copy(ct, tmp_path)
     assert stow([ct]).status_code == 200
 
     response = stow([changed])
@@ -191,14 +197,7 @@ def test_same_instance_with_other_bytes_twice_in_one_request(
 ) -> None:
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
-    changed = copy_with_uids(
-        ct,
-        tmp_path / "changed.dcm",
-        study_uid=study,
-        series_uid=series,
-        sop_uid=sop,
-        PatientName="CHANGED^NAME",
-    )
+    changed = _changed_copy(ct, tmp_path)
 
     response = stow([ct, changed])
 
@@ -214,14 +213,7 @@ def test_put_replaces_an_instance(
 ) -> None:
     ct = samples["CT_small.dcm"]
     study, series, sop = _uids(ct)
-    changed = copy_with_uids(
-        ct,
-        tmp_path / "changed.dcm",
-        study_uid=study,
-        series_uid=series,
-        sop_uid=sop,
-        PatientName="CHANGED^NAME",
-    )
+    changed = _changed_copy(ct, tmp_path)
     assert stow([ct]).status_code == 200
 
     response = stow([changed], method="PUT")
