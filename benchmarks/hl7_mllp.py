@@ -1,10 +1,14 @@
 """HL7 v2 over MLLP: messages per second on one connection, each stored before its ACK.
 
     python benchmarks/hl7_mllp.py [--messages 5000] [--database-url URL] [--no-mapping]
+                                  [--no-auth]
     python benchmarks/hl7_mllp.py --host H --port P     # against a listener already running
 
 Starts ``medlake mllp`` on a free port with a fresh data folder (SQLite, or the
-``--database-url`` index), then sends ``--messages`` messages (ADT^A01, ADT^A08 and
+``--database-url`` index) and authentication on, as installed: the benchmark registers
+itself as an HL7 sender (``medlake hl7 senders add``) and every message is audited in
+the transaction of its row (``--no-auth``: authentication off, nothing audited, for
+comparison). It then sends ``--messages`` messages (ADT^A01, ADT^A08 and
 ORU^R01 with three OBX, each with its own MSH-10) over one connection with
 python-hl7's ``MLLPClient``, one at a time: each waits for its ACK, which medlake
 sends only once the message's row is committed. Prints the rate, the ACK latency
@@ -132,6 +136,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--no-mapping", action="store_true")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="authentication off: no sender check, no audit"
+    )
     parser.add_argument("--host", default=None, help="an MLLP listener already running")
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
@@ -147,6 +154,14 @@ def main() -> None:
             env["MEDLAKE_HL7_MAPPING"] = "false" if args.no_mapping else "true"
             if args.database_url:
                 env["MEDLAKE_DATABASE_URL"] = args.database_url
+            if args.no_auth:
+                env["MEDLAKE_INSECURE_NO_AUTH"] = "true"
+            else:
+                subprocess.run(
+                    [str(REPO / ".venv/bin/medlake"), "hl7", "senders", "add", "bench",
+                     "--host", "127.0.0.1", "--partition", "default", "--data", str(data)],
+                    env=env, check=True, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
             server = subprocess.Popen(
                 [str(REPO / ".venv/bin/medlake"), "mllp", "--data", str(data), "--port", str(port)],
                 env=env,
@@ -160,9 +175,10 @@ def main() -> None:
         quantiles = statistics.quantiles(latencies, n=100)
         index = args.database_url.split("@")[-1].split("?")[0] if args.database_url else "sqlite"
         mapping = "off" if args.no_mapping else "on"
+        auth = "off" if args.no_auth else "on (sender check + audit)"
         print(
             f"hl7.mllp.rate {rate:.0f} msg/s  # {args.messages} messages, one connection, "
-            f"index {index}, mapping {mapping}"
+            f"index {index}, mapping {mapping}, auth {auth}"
         )
         print(f"hl7.mllp.ack_p50 {quantiles[49] * 1000:.2f} ms")
         print(f"hl7.mllp.ack_p99 {quantiles[98] * 1000:.2f} ms")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
+import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,22 @@ from fastapi import FastAPI
 from rich.console import Console
 from sqlalchemy import select, update
 from tests.security_support import bearer, issue
+from typer.testing import CliRunner
 
+from medlake.cli.main import app as cli
 from medlake.cli.token_cmd import announce_access
+from medlake.errors import NotFound
 from medlake.index.schema import api_tokens, audit_log
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
 from medlake.security import create_token, revoke_token
-from medlake.security.browser_login import SESSION_LIFETIME, create_login_link
+from medlake.security.audit import LOGIN, AuditRecord
+from medlake.security.browser_login import (
+    SESSION_LIFETIME,
+    create_login_link,
+    open_session_with_link,
+)
+from medlake.security.errors import Unauthenticated
 from medlake.web import create_web_app
 
 pytest_plugins = ["tests.security_fixtures"]
@@ -153,8 +164,8 @@ def test_an_expired_login_link_is_refused(
     [
         ("mll_0123456789ab_" + "A" * 43, 401, "unknown login link"),
         ("mll_short", 401, "malformed login link"),
-        ("mls_0123456789ab_" + "A" * 43, 401, "malformed API token"),
-        ("eyJhbGciOiJSUzI1NiJ9.e30.sig", 401, "malformed API token"),
+        ("mls_0123456789ab_" + "A" * 43, 401, "malformed login link"),
+        ("eyJhbGciOiJSUzI1NiJ9.e30.sig", 401, "malformed login link"),
     ],
 )
 def test_a_link_that_is_not_a_login_link_is_refused(
@@ -181,7 +192,6 @@ def test_the_form_page(client: TestClient) -> None:
 
 
 def test_a_login_link_of_an_unknown_subject_is_not_made(secure_archive: Archive) -> None:
-    from medlake.errors import NotFound
 
     with pytest.raises(NotFound, match="no principal 'nobody'"):
         create_login_link(secure_archive.engine, "nobody")
@@ -358,7 +368,7 @@ def test_sign_in_and_out_are_audited_without_the_secret(
     assert all(r["request"] in ("GET /login", "POST /logout") for r in rows)
 
 
-# --- medlake serve --------------------------------------------------------------------
+# --- medlake serve, medlake token login-link ------------------------------------------
 
 
 def test_serve_prints_a_login_link_that_signs_in(
@@ -394,3 +404,52 @@ def test_over_tls_the_cookie_is_secure(web_app: FastAPI, secure_archive: Archive
             "/partitions/plain", headers={**cookie, "Origin": "http://medlake.example"}
         )
         assert plain.status_code == 403
+
+
+def test_token_login_link_cli(
+    client: TestClient, secure_archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = secure_archive.settings
+    monkeypatch.setenv("MEDLAKE_DATABASE_URL", settings.resolved_database_url)
+    data = ["--data", str(settings.data)]
+    runner = CliRunner()
+    issue(secure_archive, "dr-link", "reader@default")
+    made = runner.invoke(cli, ["token", "login-link", "dr-link", *data])
+    assert made.exit_code == 0, made.output
+    match = re.fullmatch(r"https?://\S+(/login\?token=mll_\S+)\n", made.stdout)
+    assert match, made.stdout
+    response = client.get(match.group(1), follow_redirects=False)
+    assert response.status_code == 303
+    client.cookies.clear()
+    session = with_cookie(session_of(response))
+    assert client.get("/dicomweb/studies", headers=session).status_code == 204  # a reader
+    assert client.get("/changefeed", headers=session).status_code == 403
+    created = [r for r in audit_rows(secure_archive) if "login link" in str(r["detail"])]
+    assert created and created[0]["operation"] == "security.manage"
+    unknown = runner.invoke(cli, ["token", "login-link", "nobody", *data])
+    assert unknown.exit_code == 1 and "no principal 'nobody'" in unknown.output
+
+
+def test_two_requests_racing_with_one_link_sign_in_once(
+    secure_archive: Archive, admin_token: str
+) -> None:
+    link = create_login_link(secure_archive.engine, "admin").secret
+    start = threading.Barrier(4)
+
+    def audit(session: object) -> AuditRecord:
+        return AuditRecord(
+            event=LOGIN, operation="session.login", actor="admin", actor_kind="token"
+        )
+
+    def attempt(_: int) -> str:
+        start.wait()
+        try:
+            open_session_with_link(secure_archive.engine, link, audit)
+        except Unauthenticated as exc:
+            return exc.message
+        return "signed in"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(attempt, range(4)))
+    assert outcomes.count("signed in") == 1, outcomes
+    assert all("was already used" in o for o in outcomes if o != "signed in"), outcomes

@@ -329,3 +329,24 @@ def test_every_de_identified_read_is_audited(
     assert f"GET {DW}/studies" in requests
     assert f"GET {DW}/studies/{study}/metadata" in requests
     assert f"GET {FHIR}/Patient" in requests
+
+
+def test_errors_name_pseudonyms_not_the_originals(
+    secure_client: TestClient, tokens: dict[str, str], original: pydicom.Dataset,
+    loaded: dict[str, Any],
+) -> None:  # fmt: skip
+    headers, admin = _researcher(tokens), bearer(tokens["admin"])
+    study = _value(_study(secure_client, tokens), "0020000D")
+    patient = secure_client.get(f"{FHIR}/Patient", headers=headers).json()["entry"][0]
+    # deleted after their pseudonyms were handed out
+    deleted = secure_client.delete(f"/dicomweb/studies/{original.StudyInstanceUID}", headers=admin)
+    assert deleted.status_code == 204
+    gone = secure_client.delete(f"/fhir/Patient/{loaded['patient']}", headers=admin)
+    assert gone.status_code in (200, 204)
+    missing = secure_client.get(f"{DW}/studies/{study}/metadata", headers=headers)
+    assert missing.status_code == 404
+    assert study in missing.json()["message"]
+    _assert_clean(missing.content, original, loaded)
+    read = secure_client.get(f"{FHIR}/Patient/{patient['resource']['id']}", headers=headers)
+    assert read.status_code == 410
+    _assert_clean(read.content, original, loaded)

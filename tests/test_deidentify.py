@@ -73,6 +73,10 @@ def test_clean_descriptors_remove_the_patients_names_and_ids_from_descriptions()
     ds = deidentify(_dataset(), Pseudonyms(KEY, "default"))
     assert PROFILE[0x00081030] is Action.CLEAN
     assert ds.StudyDescription == "CT chest follow-up"
+    # whole words only: the family name "Li" leaves "clinical" alone
+    short = _dataset()
+    short.PatientName, short.StudyDescription = "LI^WEI", "Li clinical trial"
+    assert deidentify(short, Pseudonyms(KEY, "default")).StudyDescription == "clinical trial"
 
 
 def test_private_elements_and_overlays_are_removed() -> None:

@@ -132,7 +132,12 @@ def test_medlake_mllp_receives_until_sigterm(settings: Settings) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     script = Path(sys.executable).with_name("medlake")
-    env = dict(os.environ, MEDLAKE_DATABASE_URL=settings.resolved_database_url)
+    # As the fixture's settings: authentication off, so any sender is accepted.
+    env = dict(
+        os.environ,
+        MEDLAKE_DATABASE_URL=settings.resolved_database_url,
+        MEDLAKE_INSECURE_NO_AUTH="true",
+    )
     server = subprocess.Popen(
         [str(script), "mllp", "--data", str(settings.data), "--port", str(port)],
         env=env,

@@ -17,10 +17,12 @@ Authentication, 110122 Login / 110123 Logout).
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from medlake.api.auth import SESSION_COOKIE, own_origin, principal_of, session_cookie
@@ -45,7 +47,7 @@ from medlake.security.browser_login import (
 )
 from medlake.security.errors import Unauthenticated
 from medlake.security.policy import Action
-from medlake.security.tokens import looks_like_api_token
+from medlake.security.tokens import TOKEN_PREFIX, looks_like_api_token
 
 router = APIRouter(include_in_schema=False)
 
@@ -75,7 +77,7 @@ async def login(request: Request, token: str | None = None) -> Response:
             "an API token does not belong in a link (links are kept in the browser's "
             "history): paste it into the form below",
         )
-    return await _sign_in(request, token)
+    return await _sign_in(request, token, open_session_with_link)
 
 
 @router.post("/login")
@@ -96,11 +98,14 @@ async def login_with_form(request: Request) -> Response:
     token = (fields.get("token") or [""])[0].strip()
     if not token:
         return _page(request, 400, "the form field token is missing or empty")
-    if not token.startswith(("mlk_", f"{LOGIN_LINK_PREFIX}_")):
+    if not token.startswith((f"{TOKEN_PREFIX}_", f"{LOGIN_LINK_PREFIX}_")):
         return await _refused(
             request, "only a medlake API token (mlk_…) or a login link (mll_…) signs in here"
         )
-    return await _sign_in(request, token)
+    link = token.startswith(f"{LOGIN_LINK_PREFIX}_")
+    return await _sign_in(
+        request, token, open_session_with_link if link else open_session_with_token
+    )
 
 
 @router.post("/logout")
@@ -135,13 +140,12 @@ def _tls(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
-async def _sign_in(request: Request, secret: str) -> Response:
-    """Open a session with ``secret`` (login link or API token) and set its cookie; the
-    form again with ``401`` and the reason when the secret does not sign in."""
+async def _sign_in(
+    request: Request, secret: str, opener: Callable[[Engine, str, AuditOf], BrowserSession]
+) -> Response:
+    """Open a session with ``secret`` (by ``opener``: a login link or an API token) and set
+    its cookie; the form again with ``401`` and the reason when it does not sign in."""
     engine = _archive(request).engine
-    opener = (
-        open_session_with_link if secret.startswith(LOGIN_LINK_PREFIX) else open_session_with_token
-    )
     try:
         session = await run_in_threadpool(opener, engine, secret, _audit_of(request, LOGIN))
     except Unauthenticated as exc:

@@ -170,7 +170,9 @@ def list_command(
     if as_json:
         print(orjson.dumps([t.to_json() for t in tokens]).decode())
         return
-    table = Table("id", "subject", "roles", "scopes", "status", "expires", "last used")
+    table = Table(
+        "id", "subject", "roles", "scopes", "status", "expires", "last used", "description"
+    )
     for t in tokens:
         table.add_row(
             t.token_id,
@@ -180,6 +182,7 @@ def list_command(
             t.status(),
             t.expires_at.isoformat(timespec="minutes") if t.expires_at else "never",
             t.last_used_at.isoformat(timespec="minutes") if t.last_used_at else "",
+            t.description or "",  # tells browser sessions and login links apart
         )
     console.print(table)
 

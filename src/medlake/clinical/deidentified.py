@@ -21,11 +21,15 @@ from medlake.clinical.resources import parse_json
 from medlake.clinical.search import search_bundle
 from medlake.clinical.search_params import parameters_of
 from medlake.clinical.store import read_resource
-from medlake.dicom.deidentify import Pseudonyms
 from medlake.errors import InvalidInput, NotFound
-from medlake.index.writes import partition_id
 from medlake.ingest.archive import Archive
-from medlake.security.pseudonyms import originals, pseudonyms_for, remember
+from medlake.security.pseudonyms import (
+    UnknownPseudonym,
+    originals,
+    partition_pseudonyms,
+    pseudonymous_errors,
+    remember_issued,
+)
 
 __all__ = ["IDENTIFYING_PARAMETERS", "deidentified_read", "deidentified_search"]
 
@@ -39,41 +43,24 @@ IDENTIFYING_PARAMETERS = frozenset(
 )  # fmt: skip
 
 
-class _Unmatchable(Exception):
-    """A pseudonym in the query that was never handed out: nothing can match."""
-
-
-def _partition_id(archive: Archive, partition: str) -> int:
-    with archive.engine.connect() as conn:
-        found = partition_id(conn, partition, create=False)
-    if found is None:
-        raise NotFound(f"partition {partition!r} does not exist")
-    return found
-
-
-def _remember(archive: Archive, part: int, pseudonyms: Pseudonyms) -> None:
-    with archive.engine.begin() as conn:
-        remember(conn, part, pseudonyms.issued)
-
-
 def deidentified_read(
     archive: Archive, partition: str, resource_type: str, pseudonym: str, *, base_url: str
 ) -> dict[str, Any]:
     """The current version of ``Type/pseudonym``, de-identified (404 for an id that is no
     pseudonym handed out by the view)."""
-    part = _partition_id(archive, partition)
+    part, pseudonyms = partition_pseudonyms(archive.engine, partition)
     with archive.engine.connect() as conn:
         found = originals(conn, part, [(f"fhir:{resource_type}", pseudonym)])
     original = found.get((f"fhir:{resource_type}", pseudonym))
     if original is None:
         raise NotFound(f"{resource_type}/{pseudonym} is not a de-identified resource id")
-    stored = read_resource(archive, resource_type, original, partition=partition)
+    with pseudonymous_errors({original: pseudonym}):
+        stored = read_resource(archive, resource_type, original, partition=partition)
     assert stored.content is not None
-    pseudonyms = pseudonyms_for(archive.engine, partition)
     resource = deidentify_resource(
         parse_json(stored.content, "stored resource"), pseudonyms, base_url
     )
-    _remember(archive, part, pseudonyms)
+    remember_issued(archive.engine, part, pseudonyms)
     return resource
 
 
@@ -114,8 +101,9 @@ def _wanted(resource_type: str, name: str, value: str) -> list[tuple[str, str, s
 
 def _translated(
     archive: Archive, part: int, resource_type: str, query: Sequence[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The query with pseudonyms mapped back; 400 for a forbidden parameter."""
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The query with pseudonyms mapped back, and each original id with its pseudonym;
+    400 for a forbidden parameter."""
     plan: list[tuple[str, str, list[tuple[str, str, str | None]] | None]] = []
     for name, value in query:
         _check_parameter(name, value)
@@ -134,9 +122,9 @@ def _translated(
             if (kind, p) in found
         ]
         if not real:
-            raise _Unmatchable(name)
+            raise UnknownPseudonym(name)
         out.append((name, ",".join(real)))
-    return out
+    return out, {original: p for (_, p), original in found.items()}
 
 
 def _relinked(
@@ -165,22 +153,21 @@ def deidentified_search(
 ) -> dict[str, Any]:
     """A ``searchset`` Bundle of de-identified resources; ``base_url`` is the view's FHIR
     base (entry ``fullUrl`` and links start with it)."""
-    part = _partition_id(archive, partition)
+    part, pseudonyms = partition_pseudonyms(archive.engine, partition)
     root = f"{base_url}/{resource_type}"
     try:
-        translated = _translated(archive, part, resource_type, query)
-    except _Unmatchable:
+        translated, named = _translated(archive, part, resource_type, query)
+    except UnknownPseudonym:
         return {
             "resourceType": "Bundle",
             "type": "searchset",
             "total": 0,
             "link": _relinked([{"relation": "self", "url": root}], root, query),
         }
-    with archive.engine.connect() as conn:
+    with archive.engine.connect() as conn, pseudonymous_errors(named):
         bundle = search_bundle(
             conn, part, resource_type, translated, base_url=base_url, strict=strict
         )
-    pseudonyms = pseudonyms_for(archive.engine, partition)
     entries = []
     for entry in bundle.get("entry", []):
         resource = deidentify_resource(entry["resource"], pseudonyms, base_url)
@@ -192,5 +179,5 @@ def deidentified_search(
     if entries:
         bundle["entry"] = entries
     bundle["link"] = _relinked(bundle.get("link", []), root, query)
-    _remember(archive, part, pseudonyms)
+    remember_issued(archive.engine, part, pseudonyms)
     return bundle

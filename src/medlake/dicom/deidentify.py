@@ -10,7 +10,9 @@ What is done, in order, at every nesting level (items of sequences too):
 1. The actions of Table E.1-1 for the attributes listed in :data:`PROFILE` (D dummy,
    Z zero length, X remove, K keep, C clean, U replace UID). Where the table offers a
    choice (X/Z, X/D, Z/D, X/Z/D) the zero-length value is used: the attribute stays
-   present (type 2 in most IODs) and holds nothing.
+   present (type 2 in most IODs) and holds nothing. Two D actions are made stricter:
+   Graphic Annotation Sequence is removed (its text objects can hold names) and Person
+   Identification Code Sequence emptied.
 2. Conservative rules for what the table does not list, so an attribute missing from
    :data:`PROFILE` cannot leak: private elements, curves (50xx) and overlays (60xx) are
    removed; every PN is emptied; every DA/DT/TM is removed; every UI that is not a
@@ -149,9 +151,9 @@ _TABLE: dict[str, Action] = {
     # structured reports / observers
     "ContentSequence": X, "VerifyingObserverName": D, "VerifyingObserverSequence": D,
     "VerifyingObserverIdentificationCodeSequence": Z, "VerifyingOrganization": X,
-    "PersonName": D, "PersonIdentificationCodeSequence": D, "PersonAddress": X,
+    "PersonName": D, "PersonIdentificationCodeSequence": Z, "PersonAddress": X,
     "PersonTelephoneNumbers": X, "AuthorObserverSequence": X, "ParticipantSequence": X,
-    "CustodialOrganizationSequence": X, "GraphicAnnotationSequence": D,
+    "CustodialOrganizationSequence": X, "GraphicAnnotationSequence": X,
     # UIDs that identify instances (every other non-registered UI is replaced as well)
     "StudyInstanceUID": U, "SeriesInstanceUID": U, "SOPInstanceUID": U,
     "MediaStorageSOPInstanceUID": U, "ReferencedSOPInstanceUID": U,
@@ -350,5 +352,7 @@ def _map_values(value: object, function: Callable[[str], str]) -> object:
 def _clean(text: str, secrets: list[str]) -> str:
     """``text`` without any of the header's identifying values (case-insensitive)."""
     for word in secrets:
-        text = re.sub(re.escape(word), "", text, flags=re.IGNORECASE)
+        # whole words only: a short name must not cut letters out of other words
+        pattern = rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])"
+        text = re.sub(pattern, "", text, flags=re.IGNORECASE)
     return re.sub(r"\s{2,}", " ", text).strip()

@@ -27,9 +27,14 @@ from medlake.dicomweb import metadata as metadata_service
 from medlake.dicomweb import retrieve as retrieve_service
 from medlake.dicomweb.search import SearchResult, run_search
 from medlake.errors import InvalidInput, NotFound
-from medlake.index.writes import partition_id
 from medlake.ingest.archive import Archive
-from medlake.security.pseudonyms import originals, pseudonyms_for, remember
+from medlake.security.pseudonyms import (
+    UnknownPseudonym,
+    originals,
+    partition_pseudonyms,
+    pseudonymous_errors,
+    remember_issued,
+)
 from medlake.types import check_uid
 
 __all__ = ["MATCHABLE", "deidentified_instance", "deidentified_metadata", "deidentified_search"]
@@ -60,18 +65,6 @@ _RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 _RETRIEVE_URL = "00081190"
 
 
-class _Unmatchable(Exception):
-    """A pseudonym in the query that was never handed out: nothing can match."""
-
-
-def _partition_id(archive: Archive, partition: str) -> int:
-    with archive.engine.connect() as conn:
-        found = partition_id(conn, partition, create=False)
-    if found is None:
-        raise NotFound(f"partition {partition!r} does not exist")
-    return found
-
-
 def _originals_of_path(
     archive: Archive, part: int, partition: str, given: list[tuple[str, str | None]]
 ) -> list[str | None]:
@@ -93,8 +86,18 @@ def _originals_of_path(
     return out
 
 
-def _query(archive: Archive, part: int, params: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The QIDO-RS parameters with pseudonyms mapped back; 400 for a forbidden match."""
+def _known(named: dict[str | None, str | None]) -> dict[str, str]:
+    return {k: v for k, v in named.items() if k is not None and v is not None}
+
+
+def _query(
+    archive: Archive,
+    part: int,
+    params: Iterable[tuple[str, str]],
+    named: dict[str | None, str | None],
+) -> list[tuple[str, str]]:
+    """The QIDO-RS parameters with pseudonyms mapped back (each original added to
+    ``named`` with its pseudonym); 400 for a forbidden match."""
     kept: list[tuple[str, str]] = []
     mapped: list[tuple[str, str, list[str]]] = []
     for name, value in params:
@@ -116,9 +119,11 @@ def _query(archive: Archive, part: int, params: Iterable[tuple[str, str]]) -> li
     with archive.engine.connect() as conn:
         found_originals = originals(conn, part, [(k, v) for _, k, vs in mapped for v in vs])
     for keyword, kind, values in mapped:
-        real = [found_originals[(kind, v)] for v in values if (kind, v) in found_originals]
+        known = {found_originals[(kind, v)]: v for v in values if (kind, v) in found_originals}
+        named.update(known)
+        real = list(known)
         if not real:
-            raise _Unmatchable(keyword)
+            raise UnknownPseudonym(keyword)
         kept.append((keyword, ",".join(real) if kind == "uid" else real[0]))
     return kept
 
@@ -153,11 +158,6 @@ def _retrieve_url(dataset: Dataset, level: Level, base_url: str) -> str:
     return url
 
 
-def _remember(archive: Archive, part: int, pseudonyms: Pseudonyms) -> None:
-    with archive.engine.begin() as conn:
-        remember(conn, part, pseudonyms.issued)
-
-
 def deidentified_search(
     archive: Archive,
     level: Level,
@@ -169,19 +169,20 @@ def deidentified_search(
     base_url: str = "",
 ) -> SearchResult:
     """QIDO-RS over de-identified results; ``study_uid``/``series_uid`` are pseudonyms."""
-    part = _partition_id(archive, partition)
+    part, pseudonyms = partition_pseudonyms(archive.engine, partition)
     study, series = _originals_of_path(
         archive,
         part,
         partition,
         [("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)],
     )
+    named = {study: study_uid, series: series_uid}
     try:
-        query = _query(archive, part, params)
-    except _Unmatchable:
+        query = _query(archive, part, params, named)
+    except UnknownPseudonym:
         return SearchResult([], 0)
-    result = run_search(archive, level, partition, query, study_uid=study, series_uid=series)
-    pseudonyms = pseudonyms_for(archive.engine, partition)
+    with pseudonymous_errors(_known(named)):
+        result = run_search(archive, level, partition, query, study_uid=study, series_uid=series)
     datasets = []
     for item in result.datasets:
         item.pop(_RETRIEVE_URL, None)
@@ -189,7 +190,7 @@ def deidentified_search(
         if base_url:
             out[_RETRIEVE_URL] = {"vr": "UR", "Value": [_retrieve_url(dataset, level, base_url)]}
         datasets.append(dict(sorted(out.items())))
-    _remember(archive, part, pseudonyms)
+    remember_issued(archive.engine, part, pseudonyms)
     return SearchResult(datasets, result.total, result.warning)
 
 
@@ -201,17 +202,18 @@ def deidentified_metadata(
     sop_uid: str | None = None,
 ) -> bytes:
     """WADO-RS metadata (DICOM JSON array) of a study, series or instance, de-identified."""
-    part = _partition_id(archive, partition)
+    part, pseudonyms = partition_pseudonyms(archive.engine, partition)
     study, series, sop = _originals_of_path(
         archive, part, partition,
         [("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
          ("SOPInstanceUID", sop_uid)],
     )  # fmt: skip
     assert study is not None
-    if series is None:
-        body = metadata_service.study_metadata(archive, partition, study)
-    else:
-        body = metadata_service.series_metadata(archive, partition, study, series)
+    with pseudonymous_errors(_known({study: study_uid, series: series_uid})):
+        if series is None:
+            body = metadata_service.study_metadata(archive, partition, study)
+        else:
+            body = metadata_service.series_metadata(archive, partition, study, series)
     items: list[dict[str, Any]] = orjson.loads(body)
     if sop is not None:
         items = [i for i in items if i.get("00080018", {}).get("Value") == [sop]]
@@ -219,9 +221,8 @@ def deidentified_metadata(
             # The index knows the instance but the metadata file does not (yet): 404 names
             # the pseudonyms, as the identified route would name the UIDs.
             raise NotFound(f"instance {sop_uid} of series {series_uid} is not stored")
-    pseudonyms = pseudonyms_for(archive.engine, partition)
     out = [_deidentified_json(item, pseudonyms)[0] for item in items]
-    _remember(archive, part, pseudonyms)
+    remember_issued(archive.engine, part, pseudonyms)
     return orjson.dumps(out)
 
 
@@ -230,19 +231,19 @@ def deidentified_instance(
 ) -> bytes:
     """One instance as a Part-10 file with a de-identified header (pixel data as stored,
     in its stored transfer syntax). Read whole into memory: the header is rewritten."""
-    part = _partition_id(archive, partition)
+    part, pseudonyms = partition_pseudonyms(archive.engine, partition)
     study, series, sop = _originals_of_path(
         archive, part, partition,
         [("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
          ("SOPInstanceUID", sop_uid)],
     )  # fmt: skip
     assert study is not None and series is not None and sop is not None
-    stored = retrieve_service.retrieve(archive, partition, study, series, sop)[0]
-    with archive.blobs.open(stored.blob_key) as fh:
-        dataset = pydicom.dcmread(fh)
-    pseudonyms = pseudonyms_for(archive.engine, partition)
+    with pseudonymous_errors({study: study_uid, series: series_uid, sop: sop_uid}):
+        stored = retrieve_service.retrieve(archive, partition, study, series, sop)[0]
+        with archive.blobs.open(stored.blob_key) as fh:
+            dataset = pydicom.dcmread(fh)
     deidentify(dataset, pseudonyms)
     out = io.BytesIO()
     dataset.save_as(out)
-    _remember(archive, part, pseudonyms)
+    remember_issued(archive.engine, part, pseudonyms)
     return out.getvalue()

@@ -12,16 +12,26 @@ identified data anyway: reading them needs the same access as reading the archiv
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Connection, Engine, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from medlake.dicom.deidentify import Pseudonyms
+from medlake.errors import MedlakeError, NotFound
 from medlake.index.schema import deid_keys, deid_pseudonyms
-from medlake.index.writes import utcnow
+from medlake.index.writes import partition_id, utcnow
 
-__all__ = ["originals", "pseudonyms_for", "remember"]
+__all__ = [
+    "UnknownPseudonym",
+    "originals",
+    "partition_pseudonyms",
+    "pseudonymous_errors",
+    "remember",
+    "remember_issued",
+]
 
 _KEY_ID = 1
 
@@ -44,9 +54,24 @@ def _key(engine: Engine) -> bytes:
         )
 
 
-def pseudonyms_for(engine: Engine, partition: str) -> Pseudonyms:
-    """A pseudonym maker of ``partition`` with the lake's key."""
-    return Pseudonyms(_key(engine), partition)
+class UnknownPseudonym(Exception):
+    """A pseudonym in a query that was never handed out: nothing can match it."""
+
+
+def partition_pseudonyms(engine: Engine, partition: str) -> tuple[int, Pseudonyms]:
+    """The id of ``partition`` (404 when it does not exist) and a pseudonym maker of it
+    with the lake's key."""
+    with engine.connect() as conn:
+        found = partition_id(conn, partition, create=False)
+    if found is None:
+        raise NotFound(f"partition {partition!r} does not exist")
+    return found, Pseudonyms(_key(engine), partition)
+
+
+def remember_issued(engine: Engine, partition_pk: int, pseudonyms: Pseudonyms) -> None:
+    """Record what ``pseudonyms`` handed out, in a transaction of its own."""
+    with engine.begin() as conn:
+        remember(conn, partition_pk, pseudonyms.issued)
 
 
 def remember(conn: Connection, partition_id: int, issued: Mapping[str, tuple[str, str]]) -> None:
@@ -81,3 +106,32 @@ def originals(
         )
         found.update({(r.kind, r.pseudonym): r.original for r in rows})
     return found
+
+
+@contextmanager
+def pseudonymous_errors(pseudonym_of: Mapping[str, str]) -> Iterator[None]:
+    """Errors raised inside name the pseudonyms, not the originals: the identified
+    services a view calls word their errors with the values they were given (a study
+    deleted since its pseudonym was handed out: "study 1.2.3 is not stored")."""
+    longest_first = sorted(pseudonym_of, key=len, reverse=True)
+
+    def reword(value: Any) -> Any:
+        if isinstance(value, str):
+            for original in longest_first:
+                value = value.replace(original, pseudonym_of[original])
+            return value
+        if isinstance(value, list):
+            return [reword(v) for v in value]
+        if isinstance(value, dict):
+            return {k: reword(v) for k, v in value.items()}
+        return value
+
+    try:
+        yield
+    except MedlakeError as exc:
+        exc.message = reword(exc.message)
+        exc.args = (exc.message, *exc.args[1:])
+        # FHIR errors carry their OperationOutcome issues as well
+        if isinstance(getattr(exc, "issues", None), list):
+            exc.issues = reword(exc.issues)  # type: ignore[attr-defined]
+        raise

@@ -12,6 +12,12 @@ block but sent without the start block (answered AR, as its sender waits),
 ``MLLP-END`` a block cut off by the connection closing or a new start block, and
 ``MLLP-SIZE`` a block over ``mllp_max_message_bytes`` (its first 64 KiB kept,
 answered AR).
+
+Who sent it: each message is matched to a registered sender (:mod:`.senders`), whose
+partition it goes into. With authentication on, a message of no registered (or an
+unauthorized) sender is answered AR and not stored, and every message is audited; the
+audit records of a group are appended in the transaction of its rows, so a failed
+audit write fails (AR) the messages too.
 """
 
 from __future__ import annotations
