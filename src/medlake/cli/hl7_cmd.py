@@ -97,6 +97,11 @@ def _start(archive: Archive, settings: Settings) -> Hl7Service:
         else f"any sender (unregistered ones: partition {settings.hl7_partition})"
     )
     console.print(f"MLLP: HL7 v2 on {', '.join(ports)}, accepting {senders}, {mapping}")
+    if settings.auth_enabled and not list_senders(archive.engine):
+        console.print(
+            "[yellow]MLLP: no HL7 sender is registered: every message is refused "
+            "(`medlake hl7 senders add`)[/]"
+        )
     return Hl7Service(listener, mapper)
 
 

@@ -6,7 +6,7 @@ facility), which anyone can write; the network names it by the peer's address an
 over mutual TLS, by its client certificate. A registered sender ties them together:
 
 - ``host``: the peer's address must be this host's (an IP, or a name resolving to it;
-  ``*``: any address, for senders known by their certificate);
+  ``*``: any address, only for senders known by their certificate);
 - ``tls_subject`` (optional): the connection must be TLS with a client certificate
   whose subject has each of these attributes (``CN=lab-1`` or ``CN=lab-1, O=Hospital``);
 - ``application`` / ``facility`` (optional): MSH-3 / MSH-4 must equal them (the whole
@@ -149,6 +149,11 @@ def check_sender(sender: Hl7Sender) -> Hl7Sender:
     tls_subject = _optional_text(sender.tls_subject, "TLS subject")
     if tls_subject is not None:
         subject_attributes(tls_subject)
+    elif host == ANY_HOST:  # MSH-3 / MSH-4 alone are anyone's to write
+        raise InvalidInput(
+            f"sender {sender.name} from any host ({ANY_HOST}) needs a TLS subject: "
+            "without a host, only a client certificate identifies it"
+        )
     return Hl7Sender(
         name=sender.name,
         host=host,
