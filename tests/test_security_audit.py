@@ -21,7 +21,13 @@ from typer.testing import CliRunner
 from medlake.cli.main import app as cli
 from medlake.index.schema import audit_log
 from medlake.ingest.archive import Archive
-from medlake.security import AuditRecord, export_audit_events, record_audit, verify_chain
+from medlake.security import (
+    Anchor,
+    AuditRecord,
+    export_audit_events,
+    record_audit,
+    verify_chain,
+)
 from medlake.security.audit import AUDITED_ACTIONS, audit_event
 from medlake.security.policy import Action
 
@@ -122,6 +128,37 @@ def test_tampering_is_named_by_verify(
         conn.execute(delete(audit_log).where(audit_log.c.seq.in_([5, 6])))
     result = verify_chain(engine)
     assert result.first_broken == 5 and "missing" in (result.reason or "")
+
+
+def test_records_cut_from_the_end_are_caught_by_an_anchor(
+    secure_archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = secure_archive.engine
+    for n in range(6):
+        record_audit(engine, _record(n))
+    settings = secure_archive.settings
+    monkeypatch.setenv("MEDLAKE_DATABASE_URL", settings.resolved_database_url)
+    verified = CliRunner().invoke(cli, ["audit", "verify", "--data", str(settings.data)])
+    assert verified.exit_code == 0, verified.output
+    kept = verified.output.split("--anchor next time): ")[1].split()[0]  # SEQ:HASH of the head
+    seq = int(kept.split(":")[0])
+    record_audit(engine, _record(99))  # the chain grows past the anchor: still fine
+    assert verify_chain(engine, Anchor.parse(kept)).ok
+
+    _drop_append_only_triggers(engine)
+    with engine.begin() as conn:  # the newest records go, the rest still chains
+        conn.execute(delete(audit_log).where(audit_log.c.seq >= seq - 1))
+    assert verify_chain(engine).ok  # without the anchor, nothing shows
+    result = verify_chain(engine, Anchor.parse(kept))
+    assert not result.ok and "removed from its end" in (result.reason or "")
+    again = CliRunner().invoke(
+        cli, ["audit", "verify", "--anchor", kept, "--data", str(settings.data)]
+    )
+    assert again.exit_code == 1
+    assert "BROKEN" in again.output
+
+    bad = CliRunner().invoke(cli, ["audit", "verify", "--anchor", "7:nothex", "--data", "x"])
+    assert bad.exit_code == 2 and "SEQ:HASH" in bad.output
 
 
 def _stow(client: TestClient, token: str, files: list[Path]) -> None:

@@ -16,7 +16,7 @@ from medlake.cli.token_cmd import audit_cli
 from medlake.config import load_settings
 from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
-from medlake.security import Action, export_audit_events, verify_chain
+from medlake.security import Action, Anchor, export_audit_events, verify_chain
 
 app = typer.Typer(help="The audit log: verify its hash chain, export it.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -37,12 +37,26 @@ def _instant(value: str | None, name: str) -> dt.datetime | None:
 @app.command("verify")
 def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    anchor: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="SEQ:HASH printed by an earlier verify and kept outside the database: the "
+            "chain must still hold that record (catches records cut from its end)."
+        ),
+    ] = None,
     data: DataOption = None,
 ) -> None:
-    """Recompute the hash chain; exit 1 and name the first record that does not fit."""
+    """Recompute the hash chain; exit 1 and name the first record that does not fit.
+
+    Prints the head as SEQ:HASH: keep it elsewhere and pass it as --anchor next time.
+    """
+    try:
+        kept = Anchor.parse(anchor) if anchor else None
+    except MedlakeError as exc:
+        raise typer.BadParameter(exc.message, param_hint="--anchor") from None
     archive = Archive.open(load_settings(data=data))
     try:
-        result = verify_chain(archive.engine)
+        result = verify_chain(archive.engine, kept)
         audit_cli(
             archive,
             Action.AUDIT_READ,
@@ -59,12 +73,15 @@ def verify(
             "ok": result.ok,
             "checked": result.checked,
             "headHash": result.head_hash,
+            "anchor": f"{result.checked}:{result.head_hash}" if result.checked else None,
             "firstBroken": result.first_broken,
             "reason": result.reason,
         }
         print(orjson.dumps(body).decode())
     elif result.ok:
-        print(f"audit log intact: {result.checked} records, head {result.head_hash}")
+        print(f"audit log intact: {result.checked} records")
+        if result.checked:
+            print(f"anchor (keep it; --anchor next time): {result.checked}:{result.head_hash}")
     else:
         print(f"audit log BROKEN at record {result.first_broken}: {result.reason}")
         print(f"{result.checked} records before it are intact")

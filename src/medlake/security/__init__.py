@@ -7,6 +7,7 @@ receive the principal and never read headers.
 """
 
 from medlake.security.audit import (
+    Anchor,
     AuditRecord,
     VerifyResult,
     append_audit,
@@ -44,6 +45,7 @@ __all__ = [
     "ALL_PARTITIONS",
     "INSECURE_PRINCIPAL",
     "Action",
+    "Anchor",
     "AuditRecord",
     "AuditUnavailable",
     "Decision",

@@ -25,6 +25,7 @@ import orjson
 from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from medlake.errors import InvalidInput
 from medlake.index.schema import audit_log
 from medlake.index.writes import utcnow
 from medlake.security.errors import AuditUnavailable
@@ -256,13 +257,54 @@ def _rows(
             yield dict(row._mapping)
 
 
-def verify_chain(engine: Engine) -> VerifyResult:
+@dataclass(frozen=True)
+class Anchor:
+    """A record number and its hash, kept outside the database (printed by ``medlake
+    audit verify``): the chain must still hold that record, unchanged."""
+
+    seq: int
+    hash: str
+
+    @classmethod
+    def parse(cls, text: str) -> Anchor:
+        """``SEQ:HASH`` as printed by ``medlake audit verify``; InvalidInput otherwise."""
+        seq, _, digest = text.strip().partition(":")
+        if not seq.isdigit() or int(seq) < 1 or len(digest) != 64:
+            raise InvalidInput(f"anchor {text!r} is not SEQ:HASH (a record number and its hash)")
+        return cls(int(seq), digest.lower())
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+
+def verify_chain(engine: Engine, anchor: Anchor | None = None) -> VerifyResult:
     """Recompute the chain from the first record; stop at the first that does not fit.
 
     A record fits when its number follows the previous one, its ``prev_hash`` is the
-    previous record's hash and its ``hash`` matches its contents. (Records cut from the
-    end leave a shorter valid chain: compare ``head_hash`` with one kept elsewhere.)
+    previous record's hash and its ``hash`` matches its contents. Records cut from the
+    end leave a shorter chain that fits: ``anchor``, a record number and hash noted
+    earlier outside the database, catches that (the chain must reach it, with that hash).
     """
+    result = _verify_rows(engine)
+    if anchor is None or not result.ok:
+        return result
+    if result.checked < anchor.seq:
+        reason = (
+            f"the chain ends at record {result.checked}, before the anchor record {anchor.seq}: "
+            "records were removed from its end"
+        )
+        return VerifyResult(result.checked, result.head_hash, result.checked + 1, reason)
+    with engine.connect() as conn:
+        held = conn.execute(
+            select(audit_log.c.hash).where(audit_log.c.seq == anchor.seq)
+        ).scalar_one()
+    if held != anchor.hash:
+        reason = f"record {anchor.seq} does not have the anchor's hash: the chain was rewritten"
+        return VerifyResult(result.checked, result.head_hash, anchor.seq, reason)
+    return result
+
+
+def _verify_rows(engine: Engine) -> VerifyResult:
     expected_seq, previous, checked = 1, GENESIS_HASH, 0
     for row in _rows(engine):
         seq = row["seq"]
@@ -422,6 +464,7 @@ __all__ = [
     "GENESIS_HASH",
     "LOGIN",
     "LOGOUT",
+    "Anchor",
     "AuditEventType",
     "AuditRecord",
     "Outcome",
