@@ -91,13 +91,17 @@ class ElementPath:
                 value = item.get(name)
                 if value is None:
                     continue
+                if not filters:  # the common case, kept cheap: every value is indexed
+                    if isinstance(value, list):
+                        selected.extend(value)
+                    else:
+                        selected.append(value)
+                    continue
                 for one in value if isinstance(value, list) else (value,):
-                    if filters and not (
-                        isinstance(one, dict)
-                        and all(str(one.get(key)) == wanted for key, wanted in filters)
+                    if isinstance(one, dict) and all(
+                        str(one.get(key)) == wanted for key, wanted in filters
                     ):
-                        continue
-                    selected.append(one)
+                        selected.append(one)
             current = selected
             if not current:
                 break
