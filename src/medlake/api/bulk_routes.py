@@ -134,19 +134,22 @@ async def _export(request: Request, level: str, group_id: str | None = None) -> 
     return _accepted(request, job)
 
 
-@_routes.api_route("/$export", methods=["GET", "POST"])
+@_routes.get("/$export")
+@_routes.post("/$export")  # one route per method: one OpenAPI operation each
 async def export_system(request: Request) -> Response:
     """System-level export kick-off."""
     return await _export(request, "system")
 
 
-@_routes.api_route("/Patient/$export", methods=["GET", "POST"])
+@_routes.get("/Patient/$export")
+@_routes.post("/Patient/$export")
 async def export_patients(request: Request) -> Response:
     """Patient-level export kick-off (every patient's compartment)."""
     return await _export(request, "patient")
 
 
-@_routes.api_route("/Group/{group_id}/$export", methods=["GET", "POST"])
+@_routes.get("/Group/{group_id}/$export")
+@_routes.post("/Group/{group_id}/$export")
 async def export_group(request: Request, group_id: str) -> Response:
     """Group-level export kick-off (the compartments of the Group's members)."""
     return await _export(request, "group", group_id)

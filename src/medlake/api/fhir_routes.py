@@ -548,7 +548,9 @@ def _history_entry(version: store.StoredResource, base: str) -> dict[str, Any]:
 
 
 @router.api_route(
-    "/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    "/{rest:path}",
+    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,  # the answer to what no operation serves, not an operation
 )
 async def unknown(request: Request, rest: str) -> Response:
     """404 for a URL that is no FHIR interaction, 405 for a method the URL does not take."""

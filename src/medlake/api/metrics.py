@@ -209,8 +209,12 @@ class Metrics:
         hl7 = select(hl7_messages.c.status, func.count()).group_by(hl7_messages.c.status)
         with self.archive.engine.connect() as conn:
             new_errors = conn.execute(errors).all()
-            queue_counts: dict[str, int] = dict(conn.execute(queued).tuples().all())
-            hl7_counts: dict[str, int] = dict(conn.execute(hl7).tuples().all())
+            queue_counts: dict[str, int] = {
+                str(status): int(count) for status, count in conn.execute(queued)
+            }
+            hl7_counts: dict[str, int] = {
+                str(status): int(count) for status, count in conn.execute(hl7)
+            }
         for severity, rule, count, last_id in new_errors:
             self.ingest_errors.labels(severity, rule).inc(count)
             self._errors_counted_to = max(self._errors_counted_to, int(last_id))
