@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import ArchiveDep
+from medlake.api.deps import ArchiveDep
 from medlake.dicomweb import changefeed, partitions
 from medlake.errors import InvalidInput
 from medlake.types import check_partition

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import ArchiveDep
+from medlake.api.deps import ArchiveDep
 from medlake.dimse import ae_registry, scu
 from medlake.errors import InvalidInput, NotFound
 

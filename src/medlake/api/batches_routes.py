@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import ArchiveDep
+from medlake.api.deps import ArchiveDep
 from medlake.errors import InvalidInput
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (

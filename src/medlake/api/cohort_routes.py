@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import ArchiveDep
+from medlake.api.deps import ArchiveDep
 from medlake.clinical.cohort import CohortResult, find_cohort
 from medlake.clinical.cohort_model import InvalidCohortQuery, parse_cohort_query
 from medlake.errors import InvalidInput, UnsupportedMediaType

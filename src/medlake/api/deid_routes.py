@@ -12,20 +12,22 @@ de-identified read. UIDs and ids in these URLs are the pseudonyms the views hand
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import DICOM_JSON, ArchiveDep, PartitionDep
+from medlake.api.deps import DICOM_JSON, ArchiveDep, PartitionDep
 from medlake.api.fhir_routes import FhirRoute
 from medlake.api.media import choose, parse_accept
 from medlake.api.multipart import new_boundary
+from medlake.api.qido_routes import add_qido_routes
 from medlake.clinical.deidentified import deidentified_read, deidentified_search
 from medlake.clinical.resources import FHIR_JSON, RESOURCE_TYPES, dump_resource
 from medlake.dicom.attributes import Level
 from medlake.dicomweb import deidentified as dicom_deid
+from medlake.dicomweb.search import SearchResult
 from medlake.errors import InvalidInput, NotAcceptable, NotFound
+from medlake.ingest.archive import Archive
 
 #: Where the two views are mounted (``/partitions/{partition}`` may follow each).
 DICOMWEB_PREFIX = "/deid/dicomweb"
@@ -45,72 +47,17 @@ def _root(request: Request, prefix: str, partition: str) -> str:
 # --- DICOMweb ------------------------------------------------------------------------------
 
 
-async def _search(
-    request: Request, archive: ArchiveDep, partition: str, level: Level,
-    study: str | None = None, series: str | None = None,
-) -> Response:  # fmt: skip
-    choose(
-        parse_accept(request.headers.get("accept")),
-        [DICOM_JSON, "application/json"],
-        "QIDO-RS results",
-    )
-    result = await run_in_threadpool(
-        dicom_deid.deidentified_search, archive, level, partition,
-        request.query_params.multi_items(), study_uid=study, series_uid=series,
+def _qido(
+    request: Request, archive: Archive, partition: str, level: Level,
+    query: list[tuple[str, str]], study: str | None, series: str | None,
+) -> SearchResult:  # fmt: skip
+    return dicom_deid.deidentified_search(
+        archive, level, partition, query, study_uid=study, series_uid=series,
         base_url=_root(request, DICOMWEB_PREFIX, partition),
     )  # fmt: skip
-    headers = {"X-Total-Count": str(result.total)}
-    if result.warning:
-        headers["Warning"] = result.warning
-    if not result.datasets:
-        return Response(status_code=204, headers=headers)
-    return Response(orjson.dumps(result.datasets), 200, headers=headers, media_type=DICOM_JSON)
 
 
-@dicomweb_router.get("/studies")
-async def search_studies(
-    request: Request, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS over de-identified studies."""
-    return await _search(request, archive, partition, Level.STUDY)
-
-
-@dicomweb_router.get("/series")
-async def search_series(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
-    """QIDO-RS over de-identified series."""
-    return await _search(request, archive, partition, Level.SERIES)
-
-
-@dicomweb_router.get("/instances")
-async def search_instances(
-    request: Request, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS over de-identified instances."""
-    return await _search(request, archive, partition, Level.INSTANCE)
-
-
-@dicomweb_router.get("/studies/{study}/series")
-async def search_study_series(
-    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: de-identified series of a (pseudonymous) study."""
-    return await _search(request, archive, partition, Level.SERIES, study)
-
-
-@dicomweb_router.get("/studies/{study}/instances")
-async def search_study_instances(
-    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: de-identified instances of a (pseudonymous) study."""
-    return await _search(request, archive, partition, Level.INSTANCE, study)
-
-
-@dicomweb_router.get("/studies/{study}/series/{series}/instances")
-async def search_series_instances(
-    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: de-identified instances of a (pseudonymous) series."""
-    return await _search(request, archive, partition, Level.INSTANCE, study, series)
+add_qido_routes(dicomweb_router, _qido, "de-identified")
 
 
 async def _metadata(

@@ -9,16 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from medlake.api.deps import DICOM_JSON, ArchiveDep, PartitionDep, archive_of, partition_of
 from medlake.api.media import choose, parse_accept, parse_media_type
 from medlake.api.multipart import MultipartReceiver, StagedPart, aiter_parts, new_boundary
+from medlake.api.qido_routes import add_qido_routes
 from medlake.api.stow_response import stow_response
 from medlake.dicom.attributes import Level
 from medlake.dicom.render import RenderOptions, parse_viewport, parse_window
@@ -26,16 +28,14 @@ from medlake.dicomweb import metadata as metadata_service
 from medlake.dicomweb import retrieve as retrieve_service
 from medlake.dicomweb.delete import delete as delete_service
 from medlake.dicomweb.locate import StoredInstance
-from medlake.dicomweb.search import run_search
+from medlake.dicomweb.search import SearchResult, run_search
 from medlake.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import BatchKind, request_ledger
 from medlake.ingest.inspect import Inspection
 from medlake.ingest.store import ReceivedFile, inspect, store_instances
-from medlake.types import DEFAULT_PARTITION, check_partition, check_uid
-
-DICOM_JSON = "application/dicom+json"
+from medlake.types import check_uid
 
 #: The media type of a compressed frame of each transfer syntax (PS3.18 Table 8.7.3-5).
 FRAME_MEDIA_TYPES = {
@@ -51,21 +51,6 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.93": "image/jpx",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
-
-
-def archive_of(request: Request) -> Archive:
-    """The archive the app was created with."""
-    archive: Archive = request.app.state.archive
-    return archive
-
-
-def partition_of(request: Request) -> str:
-    """The partition named in the path, or ``default``."""
-    return check_partition(request.path_params.get("partition", DEFAULT_PARTITION))
-
-
-ArchiveDep = Annotated[Archive, Depends(archive_of)]
-PartitionDep = Annotated[str, Depends(partition_of)]
 
 
 def base_url(request: Request, partition: str) -> str:
@@ -211,71 +196,17 @@ async def upsert_study(
 # --- QIDO-RS -----------------------------------------------------------------------------
 
 
-async def _search(
+def _qido(
     request: Request, archive: Archive, partition: str, level: Level,
-    study: str | None = None, series: str | None = None,
-) -> Response:  # fmt: skip
-    choose(
-        parse_accept(request.headers.get("accept")),
-        [DICOM_JSON, "application/json"],
-        "QIDO-RS results",
-    )
-    result = await run_in_threadpool(
-        run_search, archive, level, partition, request.query_params.multi_items(),
-        study_uid=study, series_uid=series, base_url=base_url(request, partition),
+    query: list[tuple[str, str]], study: str | None, series: str | None,
+) -> SearchResult:  # fmt: skip
+    return run_search(
+        archive, level, partition, query, study_uid=study, series_uid=series,
+        base_url=base_url(request, partition),
     )  # fmt: skip
-    headers = {"X-Total-Count": str(result.total)}
-    if result.warning:
-        headers["Warning"] = result.warning
-    if not result.datasets:
-        return Response(status_code=204, headers=headers)
-    return Response(orjson.dumps(result.datasets), 200, headers=headers, media_type=DICOM_JSON)
 
 
-@router.get("/studies")
-async def search_studies(
-    request: Request, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: search for studies."""
-    return await _search(request, archive, partition, Level.STUDY)
-
-
-@router.get("/series")
-async def search_series(request: Request, archive: ArchiveDep, partition: PartitionDep) -> Response:
-    """QIDO-RS: search for series across studies."""
-    return await _search(request, archive, partition, Level.SERIES)
-
-
-@router.get("/instances")
-async def search_instances(
-    request: Request, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: search for instances across studies."""
-    return await _search(request, archive, partition, Level.INSTANCE)
-
-
-@router.get("/studies/{study}/series")
-async def search_study_series(
-    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: series of a study."""
-    return await _search(request, archive, partition, Level.SERIES, study)
-
-
-@router.get("/studies/{study}/instances")
-async def search_study_instances(
-    request: Request, study: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: instances of a study."""
-    return await _search(request, archive, partition, Level.INSTANCE, study)
-
-
-@router.get("/studies/{study}/series/{series}/instances")
-async def search_series_instances(
-    request: Request, study: str, series: str, archive: ArchiveDep, partition: PartitionDep
-) -> Response:
-    """QIDO-RS: instances of a series."""
-    return await _search(request, archive, partition, Level.INSTANCE, study, series)
+add_qido_routes(router, _qido)
 
 
 # --- WADO-RS -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.dicomweb_routes import ArchiveDep
+from medlake.api.deps import ArchiveDep
 from medlake.clinical.hl7 import MessageQuery, get_message, list_messages
 from medlake.errors import InvalidInput
 
