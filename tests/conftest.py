@@ -40,9 +40,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-#: Fixtures of the DIMSE tests (an SCP per test module, dcmtk peers) and of the TLS tests
-#: (a test PKI).
-pytest_plugins = ["tests.dimse_support", "tests.tls_support"]
+#: Fixtures of the DIMSE tests (an SCP per test module, dcmtk peers), the HL7 tests (an
+#: MLLP listener) and the TLS tests (a test PKI).
+pytest_plugins = ["tests.dimse_support", "tests.hl7_support", "tests.tls_support"]
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"

@@ -2,18 +2,19 @@
 a free port (SQLite and PostgreSQL, through ``archive``), and readers of the ACKs and
 of the ``hl7_messages`` rows.
 
-Test modules import the fixtures they use by name (``from tests.hl7_support import
-...``); pytest finds fixtures in a test module's namespace.
+Test modules import the helpers they use by name (``from tests.hl7_support import
+...``); the fixtures (``mllp_start``) come through ``pytest_plugins`` in conftest.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from medlake.clinical.hl7 import Hl7Mapper, MllpListener
@@ -22,6 +23,23 @@ from medlake.index.schema import hl7_messages
 from medlake.ingest.archive import Archive
 
 FHIR_BASE = "http://medlake.test/fhir"
+
+
+@pytest.fixture
+def mllp_start(archive: Archive) -> Iterator[Callable[..., MllpListener]]:
+    """``mllp_start(**settings)``: a listener on a free port (and, with
+    ``mllp_tls_port``, TLS there) after changing the archive's settings; stopped after
+    the test."""
+    started: list[MllpListener] = []
+
+    def run(**changes: object) -> MllpListener:
+        archive.settings = archive.settings.model_copy(update=changes)
+        started.append(MllpListener(archive, host="127.0.0.1", port=0).start())
+        return started[-1]
+
+    yield run
+    for listener in started:
+        listener.stop()
 
 
 def msh(

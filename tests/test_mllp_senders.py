@@ -11,7 +11,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -38,22 +38,6 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"insecure_no_auth": False})
 
 
-@pytest.fixture
-def start(archive: Archive) -> Iterator[Callable[..., MllpListener]]:
-    """``start(**settings)``: a listener on a free port after changing the archive's
-    settings; stopped after the test."""
-    started: list[MllpListener] = []
-
-    def run(**changes: object) -> MllpListener:
-        archive.settings = archive.settings.model_copy(update=changes)
-        started.append(MllpListener(archive, host="127.0.0.1", port=0).start())
-        return started[-1]
-
-    yield run
-    for listener in started:
-        listener.stop()
-
-
 def send(listener: MllpListener, *messages: str) -> list[bytes]:
     """Send messages one at a time over one connection; their ACKs."""
     with MLLPClient("127.0.0.1", listener.port) as client:
@@ -75,9 +59,9 @@ def lab_result(control_id: str, sender: str) -> str:
 
 
 def test_unregistered_sender_gets_ar_nothing_is_stored_and_the_refusal_is_audited(
-    start: Callable[..., MllpListener], archive: Archive, caplog: pytest.LogCaptureFixture
+    mllp_start: Callable[..., MllpListener], archive: Archive, caplog: pytest.LogCaptureFixture
 ) -> None:
-    listener = start()
+    listener = mllp_start()
     with caplog.at_level(logging.INFO):
         (ack,) = send(listener, adt("A01", "UNKNOWN-1", patient="PATIENT-SECRET", family="ZORG"))
 
@@ -102,10 +86,10 @@ def test_unregistered_sender_gets_ar_nothing_is_stored_and_the_refusal_is_audite
 
 
 def test_registered_sender_is_accepted_into_its_partition_and_audited(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("adt-feed", "127.0.0.1", "ward"))
-    listener = start()
+    listener = mllp_start()
 
     acks = send(listener, adt("A01", "OK-1"), adt("A08", "OK-2"), adt("A01", "OK-1"))
 
@@ -133,10 +117,10 @@ def test_registered_sender_is_accepted_into_its_partition_and_audited(
 
 
 def test_a_message_the_sender_got_wrong_is_stored_rejected_and_audited_as_a_failure(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("adt-feed", "127.0.0.1", "ward"))
-    listener = start()
+    listener = mllp_start()
 
     (ack,) = send(listener, msh("ADT^A01^ADT_A01", "BAD-1") + "PID|1\r")
 
@@ -148,13 +132,13 @@ def test_a_message_the_sender_got_wrong_is_stored_rejected_and_audited_as_a_fail
 
 
 def test_msh3_and_msh4_must_match_when_registered(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(
         archive.engine,
         Hl7Sender("lab", "127.0.0.1", "lab", application="LAB", facility="HOSP"),
     )
-    listener = start()
+    listener = mllp_start()
 
     acks = send(
         listener,
@@ -170,10 +154,10 @@ def test_msh3_and_msh4_must_match_when_registered(
 
 
 def test_a_sender_registered_for_another_host_is_refused(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("remote", "192.0.2.10", "ward"))
-    listener = start()
+    listener = mllp_start()
 
     (ack,) = send(listener, adt("A01", "ELSEWHERE-1"))
 
@@ -182,11 +166,11 @@ def test_a_sender_registered_for_another_host_is_refused(
 
 
 def test_the_most_specific_sender_wins(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("host-only", "127.0.0.1", "general"))
     add_sender(archive.engine, Hl7Sender("lab", "localhost", "lab", application="LAB"))
-    listener = start()
+    listener = mllp_start()
 
     send(listener, lab_result("S-1", "LAB|HOSP"), adt("A01", "S-2"))
 
@@ -198,10 +182,10 @@ def test_the_most_specific_sender_wins(
 
 
 def test_pipelined_messages_of_allowed_and_refused_senders_are_answered_in_order(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("lab", "127.0.0.1", "lab", application="LAB"))
-    listener = start()
+    listener = mllp_start()
     messages = [lab_result(f"P-{n}", "LAB|HOSP" if n % 2 else "RIS|HOSP") for n in range(6)]
 
     with socket.create_connection(("127.0.0.1", listener.port), timeout=30) as sock:
@@ -217,9 +201,9 @@ def test_pipelined_messages_of_allowed_and_refused_senders_are_answered_in_order
 
 
 def test_bytes_outside_a_block_from_an_unregistered_peer_are_not_stored(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
-    listener = start()
+    listener = mllp_start()
 
     with socket.create_connection(("127.0.0.1", listener.port), timeout=30) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -233,12 +217,12 @@ def test_bytes_outside_a_block_from_an_unregistered_peer_are_not_stored(
 
 
 def test_a_failed_audit_write_fails_the_message(
-    start: Callable[..., MllpListener], archive: Archive, monkeypatch: pytest.MonkeyPatch
+    mllp_start: Callable[..., MllpListener], archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The issue's rule: a request whose audit record cannot be written fails; here the
     message is answered AR and its row is rolled back with the audit insert."""
     add_sender(archive.engine, Hl7Sender("adt-feed", "127.0.0.1", "ward"))
-    listener = start()
+    listener = mllp_start()
 
     def audit_down(*_args: object, **_kwargs: object) -> None:
         raise OperationalError("INSERT INTO audit_log", {}, Exception("disk full"))
@@ -255,9 +239,11 @@ def test_a_failed_audit_write_fails_the_message(
     assert len(audit_rows(archive)) == 1
 
 
-def test_a_removed_sender_is_refused(start: Callable[..., MllpListener], archive: Archive) -> None:
+def test_a_removed_sender_is_refused(
+    mllp_start: Callable[..., MllpListener], archive: Archive
+) -> None:
     add_sender(archive.engine, Hl7Sender("adt-feed", "127.0.0.1", "ward"))
-    listener = start()
+    listener = mllp_start()
     (before,) = send(listener, adt("A01", "RM-1"))
 
     remove_sender(archive.engine, "adt-feed")
@@ -271,10 +257,10 @@ def test_a_removed_sender_is_refused(start: Callable[..., MllpListener], archive
 
 
 def test_without_authentication_everyone_is_accepted_and_nothing_audited(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
     add_sender(archive.engine, Hl7Sender("lab", "127.0.0.1", "lab", application="LAB"))
-    listener = start(insecure_no_auth=True, hl7_partition="inbox")
+    listener = mllp_start(insecure_no_auth=True, hl7_partition="inbox")
 
     acks = send(listener, adt("A01", "OPEN-1"), lab_result("OPEN-2", "LAB|HOSP"))
 

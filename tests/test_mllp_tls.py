@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydantic
@@ -44,22 +44,6 @@ def settings(settings: Settings, pki: Pki) -> Settings:
     )
 
 
-@pytest.fixture
-def start(archive: Archive) -> Iterator[Callable[..., MllpListener]]:
-    """``start(**settings)``: a listener (plain on a free port, TLS on mllp_tls_port)
-    after changing the archive's settings; stopped after the test."""
-    started: list[MllpListener] = []
-
-    def run(**changes: object) -> MllpListener:
-        archive.settings = archive.settings.model_copy(update=changes)
-        started.append(MllpListener(archive, host="127.0.0.1", port=0).start())
-        return started[-1]
-
-    yield run
-    for listener in started:
-        listener.stop()
-
-
 def _context(pki: Pki, who: str | None = "client") -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
     if who is not None:
@@ -88,9 +72,9 @@ def _refused(listener: MllpListener, pki: Pki, who: str | None) -> bool:
 
 
 def test_python_hl7_client_over_tls_beside_the_plain_port(
-    start: Callable[..., MllpListener], archive: Archive, pki: Pki
+    mllp_start: Callable[..., MllpListener], archive: Archive, pki: Pki
 ) -> None:
-    listener = start()
+    listener = mllp_start()
 
     with _tls_client(listener, pki, who=None) as client:
         over_tls = client.send_message(adt("A01", "TLS-1"))
@@ -107,9 +91,9 @@ def test_python_hl7_client_over_tls_beside_the_plain_port(
 
 
 def test_plaintext_client_on_the_tls_port_is_closed_and_nothing_is_stored(
-    start: Callable[..., MllpListener], archive: Archive
+    mllp_start: Callable[..., MllpListener], archive: Archive
 ) -> None:
-    listener = start()
+    listener = mllp_start()
 
     with socket.create_connection(("127.0.0.1", listener.tls_port), timeout=30) as sock:
         sock.sendall(frame(adt("A01", "PLAIN-ON-TLS").encode()))
@@ -125,9 +109,9 @@ def test_plaintext_client_on_the_tls_port_is_closed_and_nothing_is_stored(
 
 
 def test_mutual_tls_requires_a_client_certificate_of_the_ca(
-    start: Callable[..., MllpListener], archive: Archive, pki: Pki
+    mllp_start: Callable[..., MllpListener], archive: Archive, pki: Pki
 ) -> None:
-    listener = start(mllp_tls_ca_file=pki.ca)
+    listener = mllp_start(mllp_tls_ca_file=pki.ca)
 
     without_certificate = _refused(listener, pki, None)
     untrusted = _refused(listener, pki, "stranger")
@@ -141,11 +125,11 @@ def test_mutual_tls_requires_a_client_certificate_of_the_ca(
 
 
 def test_a_silent_client_does_not_hold_up_the_tls_port(
-    start: Callable[..., MllpListener], pki: Pki
+    mllp_start: Callable[..., MllpListener], pki: Pki
 ) -> None:
     """The handshake runs in the connection's thread: a client that connects and never
     says hello delays nobody."""
-    listener = start()
+    listener = mllp_start()
     silent = socket.create_connection(("127.0.0.1", listener.tls_port), timeout=30)
     with silent, _tls_client(listener, pki) as client:  # it times out if it has to wait
         answer = client.send_message(adt("A01", "NOT-HELD-UP"))
@@ -154,12 +138,12 @@ def test_a_silent_client_does_not_hold_up_the_tls_port(
 
 
 def test_sender_known_by_its_certificate_only_over_mutual_tls(
-    start: Callable[..., MllpListener], archive: Archive, pki: Pki
+    mllp_start: Callable[..., MllpListener], archive: Archive, pki: Pki
 ) -> None:
     """With authentication on, a sender registered by certificate subject (any host)
     is accepted over mutual TLS; the same message over the plain port is refused."""
     add_sender(archive.engine, Hl7Sender("modality", "*", "lab", tls_subject="CN=modality-1"))
-    listener = start(insecure_no_auth=False, mllp_tls_ca_file=pki.ca)
+    listener = mllp_start(insecure_no_auth=False, mllp_tls_ca_file=pki.ca)
 
     with _tls_client(listener, pki) as client:
         over_tls = client.send_message(adt("A01", "CERT-1"))
