@@ -30,7 +30,7 @@ from medlake.clinical.search import (
 )
 from medlake.clinical.search_index import extract_values, reindex_all
 from medlake.clinical.search_params import SEARCH_PARAMETERS, ElementPath
-from medlake.clinical.store import delete_resource, update_resource
+from medlake.clinical.store import delete_resource, now_ms, update_resource
 from medlake.errors import InvalidInput
 from medlake.index.schema import fhir_search_values
 from medlake.index.writes import partition_id
@@ -227,8 +227,13 @@ Search = Callable[..., list[str]]
 
 @pytest.fixture
 def loaded(archive: Archive) -> Archive:
-    """The archive with the resources above stored through the REST store."""
+    """The archive with the resources above stored through the REST store, each in a
+    later millisecond than the one before (``_lastUpdated`` has millisecond precision,
+    and two stores can fall in the same one: the ``_lastUpdated`` sort needs an order)."""
     for resource in [*PATIENTS, *OTHERS]:
+        stored = now_ms()
+        while now_ms() == stored:
+            pass
         update_resource(archive, resource["resourceType"], resource["id"], resource)
     return archive
 
