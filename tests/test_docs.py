@@ -106,8 +106,10 @@ def test_make_targets_named_in_docs_exist() -> None:
 
 def _commands(group: typer.Typer) -> set[str]:
     root = typer.main.get_command(group)
+    context = typer.Context(root)
     names = set()
-    for name, command in getattr(root, "commands", {}).items():
+    for name in root.list_commands(context):  # type: ignore[attr-defined]
+        command = root.get_command(context, name)  # type: ignore[attr-defined]
         names.add(name)
         names |= {f"{name} {sub}" for sub in getattr(command, "commands", {})}
     return names

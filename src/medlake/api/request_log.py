@@ -25,7 +25,6 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -34,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medlake.api.auth import app_routes, match_route, principal_of
 from medlake.api.metrics import UNMATCHED, Metrics
+from medlake.api.request_id import RequestIdFilter, current_request_id, request_id_var
 
 #: Response (and request) header carrying the request id.
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -44,24 +44,6 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 access_log = logging.getLogger("medlake.access")
-
-_request_id: ContextVar[str | None] = ContextVar("medlake_request_id", default=None)
-
-
-def current_request_id() -> str | None:
-    """The id of the HTTP request being handled in this context (``None`` outside one)."""
-    return _request_id.get()
-
-
-class RequestIdFilter(logging.Filter):
-    """Sets ``record.request_id`` to the id of the request being handled (``None``
-    outside requests). Attach it to the handlers that format ``request_id``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Annotate ``record``; never drops it."""
-        if getattr(record, "request_id", None) is None:
-            record.request_id = _request_id.get()
-        return True
 
 
 def _incoming_id(scope: Scope) -> str | None:
@@ -103,7 +85,7 @@ class RequestLog:
             return
         started = time.perf_counter()
         request_id = _incoming_id(scope) or uuid.uuid4().hex
-        token = _request_id.set(request_id)
+        token = request_id_var.set(request_id)
         # Matched before the app runs: routing and mounts rewrite parts of the scope.
         route = self._route(scope)
         state = {"status": 500}
@@ -133,7 +115,7 @@ class RequestLog:
             self._log(scope, route, state["status"], started)
             raise
         self._log(scope, route, state["status"], started)
-        _request_id.reset(token)
+        request_id_var.reset(token)
 
     def _log(self, scope: Scope, route: str, status: int, started: float) -> None:
         seconds = time.perf_counter() - started

@@ -25,7 +25,6 @@ from rich.table import Table
 
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
-from medlake.clinical.bulk_import import import_files
 from medlake.config import Settings, load_settings
 from medlake.errors import InvalidInput, MedlakeError
 from medlake.ingest.archive import Archive
@@ -258,6 +257,8 @@ def run_fhir_import(
         files = sorted(p for p in Path().glob(source) if p.is_file())
     if not files:
         raise InvalidInput(f"{source}: no {' / '.join(suffixes)} files to import")
+    from medlake.clinical.bulk_import import import_files  # the FHIR model: only here
+
     archive = Archive.open(settings)
     try:
         started = time.monotonic()

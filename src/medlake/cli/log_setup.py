@@ -5,7 +5,7 @@
 8601), ``level``, ``logger``, ``message``, ``request_id`` and any extra fields of the
 record (the access log's ``http_method``, ``route``, ``status``, ``duration_ms``,
 ``principal``), plus ``exc_info`` with the traceback. Records emitted while an HTTP
-request is handled carry its id (:class:`medlake.api.request_log.RequestIdFilter`).
+request is handled carry its id (:class:`medlake.api.request_id.RequestIdFilter`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-from medlake.api.request_log import RequestIdFilter
+from medlake.api.request_id import RequestIdFilter
 from medlake.config import Settings
 
 LogFormat = Literal["text", "json"]

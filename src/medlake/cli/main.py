@@ -3,45 +3,77 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
 
 from medlake import __version__
-from medlake.cli import (
-    audit_cmd,
-    cohort_cmd,
-    dimse_cmd,
-    hl7_cmd,
-    ingest_cmd,
-    keys_cmd,
-    lake_cmd,
-    lifecycle_cmd,
-    token_cmd,
-)
-from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
-from medlake.config import Settings, load_settings
-from medlake.errors import MedlakeError
-from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
 
-app = typer.Typer(help="medlake: an open medical-data lakehouse.", no_args_is_help=True)
-app.add_typer(lifecycle_cmd.app, name="lifecycle")
-ingest_cmd.register(app)  # ingest, watch, batches, batch show|resume, reconcile
-dimse_cmd.register(app)  # dimse, send, retrieve, ae add|list|remove|echo
-hl7_cmd.register(app)  # mllp, hl7 ls|show
-cohort_cmd.register(app)  # cohort, fhir sync-imaging
-app.add_typer(token_cmd.app, name="token")
-app.add_typer(audit_cmd.app, name="audit")
-app.add_typer(keys_cmd.app, name="keys")
-app.add_typer(lake_cmd.app, name="lake")
+if TYPE_CHECKING:
+    from medlake.config import Settings
+
+#: Command name -> the module of ``medlake.cli`` that defines it. A module is imported
+#: only when one of its commands runs (or ``--help`` lists them): ``medlake ingest``
+#: then starts without FastAPI, pynetdicom or the FHIR model, and so do its worker
+#: processes, which re-run this module on start.
+_LAZY_COMMANDS = {
+    "ingest": "ingest_cmd",  # ingest, watch, batches, batch show|resume, reconcile
+    "watch": "ingest_cmd",
+    "batches": "ingest_cmd",
+    "batch": "ingest_cmd",
+    "reconcile": "ingest_cmd",
+    "dimse": "dimse_cmd",  # dimse, send, retrieve, ae add|list|remove|echo
+    "send": "dimse_cmd",
+    "retrieve": "dimse_cmd",
+    "ae": "dimse_cmd",
+    "mllp": "hl7_cmd",  # mllp, hl7 ls|show|senders
+    "hl7": "hl7_cmd",
+    "cohort": "cohort_cmd",  # cohort, fhir sync-imaging
+    "fhir": "cohort_cmd",
+    "lifecycle": "lifecycle_cmd",
+    "token": "token_cmd",
+    "audit": "audit_cmd",
+    "keys": "keys_cmd",
+    "lake": "lake_cmd",
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The root command: its own commands, then those of ``_LAZY_COMMANDS`` on demand."""
+
+    # (click's types, untyped here: typer may vendor click under another name)
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *_LAZY_COMMANDS]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _LAZY_COMMANDS:
+            command = _load_command(cmd_name)
+        return command
+
+
+def _load_command(name: str) -> Any:
+    module = importlib.import_module(f"medlake.cli.{_LAZY_COMMANDS[name]}")
+    holder = typer.Typer()
+    if hasattr(module, "register"):
+        module.register(holder)
+    else:
+        holder.add_typer(module.app, name=name)
+    return typer.main.get_group(holder).commands.get(name)
+
+
+app = typer.Typer(
+    cls=_LazyGroup, help="medlake: an open medical-data lakehouse.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -61,6 +93,8 @@ def main(
 
 
 def _settings(**overrides: object) -> Settings:
+    from medlake.config import load_settings
+
     return load_settings(**overrides)
 
 
@@ -96,6 +130,10 @@ def serve(
 
     from medlake.api.http_server import server_config
     from medlake.api.metrics import metrics_of
+    from medlake.cli import dimse_cmd, hl7_cmd, token_cmd
+    from medlake.cli.log_setup import configure_logging
+    from medlake.errors import MedlakeError
+    from medlake.ingest.archive import Archive
     from medlake.web import create_web_app, viewer_path
 
     settings = _settings(
@@ -171,9 +209,12 @@ def list_studies(
     partition: Annotated[str, typer.Option(help="Partition to list.")] = DEFAULT_PARTITION,
 ) -> None:
     """List the studies of a partition."""
+    from rich.table import Table
+
     from medlake.dicom.attributes import Level
     from medlake.dicomweb.search import run_search
     from medlake.errors import NotFound
+    from medlake.ingest.archive import Archive
 
     archive = Archive.open(_settings(data=data))
     try:
@@ -225,6 +266,7 @@ def demo(
     ] = False,
 ) -> None:
     """Generate sample studies, ingest them and serve them."""
+    from medlake.cli import ingest_cmd
     from medlake.cli.demo_data import write_demo_studies
 
     settings = _settings(data=data or Path("demo-data"), http_port=http_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,9 +19,13 @@ from medlake.dicom.attributes import (
     ATTRIBUTES,
     BY_KEYWORD,
     BY_TAG,
+    SERIES_EXTRA_TAGS,
+    STUDY_EXTRA_TAGS,
+    STUDY_MODULE_GROUPS,
     Level,
     extra_level,
 )
+from medlake.dicom.header_scan import scan_header
 from medlake.dicom.pixel_index import FrameIndex, index_pixel_data, native_frame_size
 from medlake.errors import InvalidDicom, MissingAttribute
 from medlake.types import is_uid
@@ -41,8 +46,16 @@ _READ = tuple(
 )
 _TRANSFER_SYNTAX_COLUMN = BY_KEYWORD["AvailableTransferSyntaxUID"].column
 _SAMPLES_PER_PIXEL = 0x00280002
+#: Every attribute :func:`_describe` reads (with the groups of STUDY_MODULE_GROUPS).
+_DESCRIBED = frozenset(
+    {tag for _, tag, _ in _READ} | STUDY_EXTRA_TAGS | SERIES_EXTRA_TAGS | {_SAMPLES_PER_PIXEL}
+)
 #: Elements larger than this go to BulkDataURI in metadata instead of inline.
 BULK_DATA_THRESHOLD = 1024
+#: What pydicom raises for bytes it cannot read (struct.error: cut inside an element header).
+_READ_ERRORS = (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, struct.error)
+#: Bytes read for the header scan when the caller has none in memory.
+_SCAN_BYTES = 64 << 10
 
 
 @dataclass
@@ -76,18 +89,29 @@ class ParsedInstance:
         return str(self.values["series_uid"])
 
 
-def read_instance(path: Path, head: bytes | None = None) -> ParsedInstance:
+def read_instance(path: Path, head: bytes | None = None, *, whole: bool = True) -> ParsedInstance:
     """Parse the header of the Part-10 file at ``path`` and locate its frames.
 
     ``head``, when given, holds the first bytes of the file (kept in memory as it
     was received): if the header ends inside it, the file is not opened again
-    except to walk encapsulated fragments.
+    except to walk encapsulated fragments. With ``whole=False`` the caller drops
+    ``dataset`` and needs only the index values: then only the attributes the index
+    keeps are read (:func:`medlake.dicom.header_scan.scan_header`), which is several
+    times faster for a large header.
 
     Raises :class:`InvalidDicom` for bytes that are not DICOM Part 10 or are
     truncated, and :class:`MissingAttribute` when a required UID is absent or malformed.
     """
     try:
         size = path.stat().st_size
+        if not whole:
+            if head is None:
+                with path.open("rb") as fh:
+                    head = fh.read(_SCAN_BYTES)
+            scanned = scan_header(head, _DESCRIBED, STUDY_MODULE_GROUPS)
+            located = _located(path, head, size, *scanned) if scanned is not None else None
+            if located is not None:
+                return located
         if head is not None:
             parsed = _read_from_head(path, head, size)
             if parsed is not None:
@@ -97,7 +121,7 @@ def read_instance(path: Path, head: bytes | None = None) -> ParsedInstance:
             return _with_frames(_describe(ds, _transfer_syntax(ds)), fh, size)
     except InvalidDicomError as exc:
         raise InvalidDicom(f"not a DICOM Part 10 file: {exc}") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _READ_ERRORS as exc:
         raise InvalidDicom(f"unreadable DICOM data: {exc}") from exc
 
 
@@ -105,11 +129,18 @@ def _read_from_head(path: Path, head: bytes, size: int) -> ParsedInstance | None
     buffer = io.BytesIO(head)
     try:
         ds = pydicom.dcmread(buffer, stop_before_pixels=True)
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
+    except _READ_ERRORS:
         if len(head) >= size:
             raise
         return None  # the header runs past the head: parse the file instead
-    position = buffer.tell()
+    return _located(path, head, size, ds, buffer.tell())
+
+
+def _located(
+    path: Path, head: bytes, size: int, ds: Dataset, position: int
+) -> ParsedInstance | None:
+    """The instance whose header, read from ``head``, ends at ``position``, with its
+    frames located; ``None`` when the head ends too soon to tell where they are."""
     if len(head) < size and position + 12 > len(head):
         return None
     parsed = _describe(ds, _transfer_syntax(ds))
@@ -118,6 +149,8 @@ def _read_from_head(path: Path, head: bytes, size: int) -> ParsedInstance | None
         with path.open("rb") as fh:
             fh.seek(position)
             return _with_frames(parsed, fh, size)
+    buffer = io.BytesIO(head)
+    buffer.seek(position)
     return _with_frames(parsed, buffer, size)
 
 

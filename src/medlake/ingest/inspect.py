@@ -70,7 +70,7 @@ def inspect_file(
         finally:
             os.close(fd)
     try:
-        parsed = read_instance(path, head)
+        parsed = read_instance(path, head, whole=keep_dataset)
     except MedlakeError as exc:
         return Inspection(sha256, None, exc, synced=durable)
     if not keep_dataset:
@@ -229,7 +229,7 @@ def stage_and_inspect(
     if not parse:
         return Inspection(sha256, None, None, synced=durable, size=size)
     try:
-        parsed = read_instance(target, head)
+        parsed = read_instance(target, head, whole=False)
     except MedlakeError as exc:
         return Inspection(sha256, None, exc, synced=durable, size=size)
     return Inspection(
