@@ -116,6 +116,27 @@ def test_more_instances_update_the_imaging_study_and_a_quiet_resync_changes_noth
     assert imaging_study(client, uid)["meta"]["versionId"] == "2"
 
 
+def test_a_quiet_study_waits_while_another_study_is_still_arriving(
+    archive: Archive, client: Any, stow: StowCall, tmp_path: Path
+) -> None:
+    quiet = 0.5
+    first = dicom_study(tmp_path / "a", patient_id="MRN-10", study_date="20240105")
+    second = dicom_study(tmp_path / "b", patient_id="MRN-11", study_date="20240105")
+    sync = ImagingStudySync(archive)
+    assert stow(first).status_code == 200
+    time.sleep(quiet + 0.1)  # the first study is quiet now ...
+    assert stow(second).status_code == 200  # ... but the archive is receiving
+
+    report = sync.run_once(quiet=quiet)
+    assert report.written == 0 and report.pending == 2
+    assert imaging_study(client, study_uid_of(first)) is None
+
+    time.sleep(quiet + 0.1)  # the whole archive is quiet: both are written
+    assert sync.run_once(quiet=quiet).written == 2
+    assert imaging_study(client, study_uid_of(first)) is not None
+    assert imaging_study(client, study_uid_of(second)) is not None
+
+
 def test_a_deleted_study_loses_its_imaging_study(
     archive: Archive, client: Any, stow: StowCall, tmp_path: Path
 ) -> None:

@@ -330,7 +330,8 @@ class Settings(BaseSettings):
         ge=0,
         description="A study's ImagingStudy is (re)written once nothing was stored into or "
         "deleted from the study for this many seconds (one write per burst, not per "
-        "instance).",
+        "instance); while other studies are still being stored, once nothing was stored "
+        "anywhere for this long, or after 30 s.",
     )
     imaging_study_max_instances: int = Field(
         default=1000,

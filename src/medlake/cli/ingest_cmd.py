@@ -46,7 +46,8 @@ from medlake.ingest.events import (
     FilesProcessed,
     IngestEvent,
 )
-from medlake.ingest.pipeline import discover, open_batch, run_batch
+from medlake.ingest.inspect import start_workers
+from medlake.ingest.pipeline import default_workers, discover, open_batch, run_batch
 from medlake.ingest.reconcile import reconcile_partition
 from medlake.ingest.watch import DropZoneWatcher
 from medlake.types import DEFAULT_PARTITION
@@ -139,6 +140,7 @@ def run_ingest(
 ) -> Batch:
     """Ingest ``source`` with a progress bar and print the batch's summary (also used by
     ``medlake demo``). Raises :class:`MedlakeError` for a source that cannot be read."""
+    start_workers(default_workers(settings) if workers is None else workers)  # meanwhile: open
     archive = Archive.open(settings)
     try:
         batch, resumed = open_batch(archive, source, partition)

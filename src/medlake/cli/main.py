@@ -134,6 +134,7 @@ def serve(
     from medlake.cli.log_setup import configure_logging
     from medlake.errors import MedlakeError
     from medlake.ingest.archive import Archive
+    from medlake.ingest.inspect import start_workers
     from medlake.web import create_web_app, viewer_path
 
     settings = _settings(
@@ -163,6 +164,7 @@ def serve(
     else:
         console.print("[yellow]no OHIF viewer[/]: run scripts/install-ohif.sh (MEDLAKE_OHIF_DIST)")
     token_cmd.announce_access(archive, console)
+    start_workers(settings.parse_workers)  # STOW-RS parses headers there: ready before a request
     scp = dimse_cmd.start_scp(archive, settings)  # pynetdicom's threads, beside uvicorn
     if scp is not None:
         metrics_of(web_app).observe_dimse(scp)

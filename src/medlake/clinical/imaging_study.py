@@ -87,6 +87,9 @@ ENDPOINT_CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-conne
 _FEED_PAGE = 5000
 #: See patient_identity._COMMIT_LAG: PostgreSQL may commit a lower sequence after a higher.
 _COMMIT_LAG = dt.timedelta(seconds=60)
+#: How long a quiet study waits for its ImagingStudy while other studies are still
+#: being stored (a STOW-RS or C-STORE run of many studies; see ``_follow_feed``).
+_BUSY_HOLD = dt.timedelta(seconds=30)
 #: Advisory lock key of the follower on PostgreSQL (one replica follows at a time).
 _LOCK_KEY = 0x6D6C_696D_6773_7964  # "mlimgsyd"
 _GENDER = {"M": "male", "F": "female", "O": "other"}
@@ -565,6 +568,14 @@ class ImagingStudySync:
         lag = _COMMIT_LAG if engine.dialect.name == "postgresql" else dt.timedelta(0)
         with engine.connect() as conn:
             cursor = read_cursor(conn, FEED_CURSOR)
+            newest = conn.execute(
+                select(change_feed.c.timestamp).order_by(change_feed.c.sequence.desc()).limit(1)
+            ).scalar()
+        quiet_for = dt.timedelta(seconds=quiet)
+        # While the archive is receiving (a store anywhere within ``quiet``), a quiet study
+        # waits too, up to _BUSY_HOLD: its ImagingStudy would take CPU from the stores.
+        busy = newest is not None and dt.datetime.now(dt.UTC) - _utc(newest) < quiet_for
+        hold = max(_BUSY_HOLD, quiet_for) if busy else quiet_for
         while True:
             with engine.connect() as conn:
                 rows = conn.execute(
@@ -582,13 +593,9 @@ class ImagingStudySync:
                 key = (row.partition, row.study_uid)
                 first = changed.get(key, (row.sequence, row.timestamp))[0]
                 changed[key] = (first, _utc(row.timestamp))
-            held = [
-                first
-                for key, (first, last) in changed.items()
-                if now - last < dt.timedelta(seconds=quiet)
-            ]
+            held = [first for key, (first, last) in changed.items() if now - last < hold]
             for key, (_first, last) in changed.items():
-                if now - last < dt.timedelta(seconds=quiet):
+                if now - last < hold:
                     continue
                 if self._done.get(key, dt.datetime.min.replace(tzinfo=dt.UTC)) >= last:
                     continue

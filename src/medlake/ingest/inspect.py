@@ -114,6 +114,21 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="medlake-parent-watch", daemon=True).start()
 
 
+def start_workers(workers: int) -> None:
+    """Start the ``workers`` processes now, in the background, rather than at the first
+    file: each one starts Python and imports pydicom (about half a second), which the
+    first request or the first files of a batch would otherwise wait for."""
+    if workers <= 0:
+        return
+    pool = _pool(workers)
+    for _ in range(workers):  # one task per process: the pool starts one per task
+        pool.submit(_ready)
+
+
+def _ready() -> None:
+    """A worker's first task: unpickling it imported this module and the header parser."""
+
+
 @atexit.register
 def _shutdown_pools() -> None:
     for pool in _pools.values():

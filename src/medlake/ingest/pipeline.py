@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from medlake.config import Settings
 from medlake.errors import DatabaseUnavailable, MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (
@@ -76,9 +77,9 @@ _DISCOVER_CHUNK = 1000
 _CHUNKS_AHEAD = 2
 
 
-def default_workers(archive: Archive) -> int:
+def default_workers(settings: Settings) -> int:
     """Worker processes when none are asked for: ``ingest_workers``, else one per core."""
-    return archive.settings.ingest_workers or os.cpu_count() or 1
+    return settings.ingest_workers or os.cpu_count() or 1
 
 
 def open_batch(
@@ -160,7 +161,7 @@ def run_batch(
     """
     hub = events or archive.events
     settings = archive.settings
-    count = default_workers(archive) if workers is None else workers
+    count = default_workers(settings) if workers is None else workers
     worker = Worker.here()
     for gone in release_abandoned(archive.engine, batch_id, settings.ingest_claim_timeout):
         clean_worker(archive, batch_id, gone)
