@@ -60,6 +60,10 @@ else
   env -u BENCH_WORK NAGLE_RUN=0 "$SHARED_BENCH/orthanc_peer.sh" | tee "$OUT_DIR/orthanc.txt"
 fi
 
+# Let the disk settle first: the peer run ends by deleting its ~2 GB of storage, whose
+# writeback and discards otherwise overlap medlake's STOW phase (measured 20 % slower).
+sync; sleep "${SETTLE_SECONDS:-10}"
+
 # 2. medlake on a fresh, empty data dir (the ingest phase needs an empty server).
 if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then echo "port $PORT already in use" >&2; exit 1; fi
 DATA="$BENCH_WORK/medlake-data"

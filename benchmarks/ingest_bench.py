@@ -157,10 +157,12 @@ class Run:
     output: str
 
 
-def run_ingest(source: Path, data: Path, marks: list[int]) -> Run:
+def run_ingest(
+    source: Path, data: Path, marks: list[int], settings: dict[str, str] | None = None
+) -> Run:
     shutil.rmtree(data, ignore_errors=True)
     medlake = REPO / ".venv" / "bin" / "medlake"
-    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", **(settings or {})}
     env.pop("MEDLAKE_DATABASE_URL", None)  # the default: SQLite in the data folder
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
@@ -308,6 +310,41 @@ def main() -> int:
         "ratio",
         f"vs Orthanc stow.inst_per_s {orthanc} ({args.orthanc.name}); target >= 5: "
         f"{'PASS' if ratio_orthanc >= 5 else 'FAIL'}",
+    )
+    shutil.rmtree(args.work / "medlake-data", ignore_errors=True)
+
+    lines.append("")
+    lines.append("## the same, with ingest_link_files = true (hard links: no copy)")
+    warm(source)
+    linked = run_ingest(
+        source, args.work / "medlake-data", [files], {"MEDLAKE_INGEST_LINK_FILES": "true"}
+    )
+    link_inst = files / linked.seconds
+    link_batch_seconds = float(linked.batch["seconds"])  # type: ignore[arg-type]
+    emit(
+        lines,
+        "ingest_link.inst_per_s",
+        link_inst,
+        "inst/s",
+        f"{files} instances / {linked.seconds:.2f}s wall incl. process start, "
+        f"rc={linked.returncode}, batch {linked.batch['status']}/{linked.batch['verdict']}, "
+        f"stored={linked.batch['stored']}",
+    )
+    emit(
+        lines,
+        "ingest_link.batch_inst_per_s",
+        files / link_batch_seconds,
+        "inst/s",
+        f"the batch's own time {link_batch_seconds:.2f}s",
+    )
+    ratio_link = link_inst / orthanc
+    emit(
+        lines,
+        "ratio.ingest_link_vs_orthanc_stow",
+        f"{ratio_link:.2f}",
+        "ratio",
+        f"vs Orthanc stow.inst_per_s {orthanc}; target >= 5: "
+        f"{'PASS' if ratio_link >= 5 else 'FAIL'}",
     )
     shutil.rmtree(args.work / "medlake-data", ignore_errors=True)
 

@@ -175,3 +175,22 @@ def test_the_scan_stops_where_pydicom_stops_before_pixels(tmp_path: Path) -> Non
     scanned = scan_header(data, {0x00100020})
     assert scanned is not None
     assert scanned[1] == buffer.tell()
+
+
+def test_the_same_bytes_in_another_character_set_decode_differently(tmp_path: Path) -> None:
+    # Values converted once are reused for later instances with the same raw bytes: the
+    # character set is part of what makes them the same.
+    latin1, utf8 = _dataset(), _dataset()
+    latin1.SpecificCharacterSet, latin1.PatientName = "ISO_IR 100", "CafÃ©"
+    utf8.SpecificCharacterSet, utf8.PatientName = "ISO_IR 192", "Café"
+    latin1.InstitutionalDepartmentName = "CafÃ©"  # kept as a series attribute
+    utf8.InstitutionalDepartmentName = "Café"
+    first, second = _write(tmp_path, latin1), _write(tmp_path, utf8)
+    assert b"Caf\xc3\xa9" in first.read_bytes() and b"Caf\xc3\xa9" in second.read_bytes()
+
+    for whole in (False, True):
+        a = read_instance(first, None, whole=whole)
+        b = read_instance(second, None, whole=whole)
+        assert a.values["patient_name"] == "CafÃ©" and b.values["patient_name"] == "Café"
+        assert a.series_extra["00081040"]["Value"] == ["CafÃ©"]
+        assert b.series_extra["00081040"]["Value"] == ["Café"]

@@ -40,6 +40,7 @@ _SHORT_VRS = frozenset(
         b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
     }
 )  # fmt: skip
+_VR_TEXT = {vr: vr.decode("ascii") for vr in _LONG_VRS | _SHORT_VRS}
 #: pydicom's ``stop_before_pixels`` stops at any of these (Float/Double Float Pixel Data too).
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _UNDEFINED = 0xFFFFFFFF
@@ -47,6 +48,8 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
 _TAG_VR = struct.Struct("<HH2s")
+#: Tag, VR and (for the VRs of _SHORT_VRS) the value length of an explicit-VR element.
+_SHORT_HEADER = struct.Struct("<HH2sH")
 _SHORT_LENGTH = struct.Struct("<H")
 _LONG_LENGTH = struct.Struct("<L")
 _TAG_LENGTH = struct.Struct("<HHL")
@@ -95,17 +98,37 @@ def _scan(
     if str(file_meta.TransferSyntaxUID) in _EXPLICIT_LE_DATASET_EXCLUDED:
         return None
     kept: dict[BaseTag, RawDataElement | DataElement] = {}
+    unpack = _SHORT_HEADER.unpack_from
+    unpack_long = _LONG_LENGTH.unpack_from
     while position < end:
         if position + 8 > end:
             return None  # the header runs past ``data``
-        group, element, vr = _TAG_VR.unpack_from(data, position)
+        group, element, vr, length = unpack(data, position)
         tag = (group << 16) | element
         if tag in _PIXEL_TAGS:
             break
-        if tag == _CHARACTER_SET or tag in wanted or group in wanted_groups:
-            position = _keep(data, position, tag, vr, kept)
+        if vr in _SHORT_VRS:
+            start = position + 8
+        elif vr in _LONG_VRS:
+            length = unpack_long(data, position + 8)[0]
+            start = position + 12
         else:
-            position = _skip(data, position, vr)
+            return None  # not a VR: a malformed file, or not explicit VR after all
+        if tag == _CHARACTER_SET or tag in wanted or group in wanted_groups:
+            if length == _UNDEFINED:
+                return None  # a wanted sequence of undefined length: pydicom reads those
+            key = BaseTag(tag)
+            value = data[start : start + length]
+            if len(value) < length:
+                return None
+            kept[key] = RawDataElement(key, _VR_TEXT[vr], length, value, start, False, True)
+            position = start + length
+        elif length != _UNDEFINED:
+            position = start + length
+        elif vr in (b"SQ", b"UN"):
+            position = _skip_items(data, start)
+        else:
+            return None
         if position > end:
             return None
     dataset = Dataset(kept)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
@@ -46,6 +49,7 @@ _READ = tuple(
 )
 _TRANSFER_SYNTAX_COLUMN = BY_KEYWORD["AvailableTransferSyntaxUID"].column
 _SAMPLES_PER_PIXEL = 0x00280002
+_SPECIFIC_CHARACTER_SET = 0x00080005
 #: Every attribute :func:`_describe` reads (with the groups of STUDY_MODULE_GROUPS).
 _DESCRIBED = frozenset(
     {tag for _, tag, _ in _READ} | STUDY_EXTRA_TAGS | SERIES_EXTRA_TAGS | {_SAMPLES_PER_PIXEL}
@@ -211,13 +215,54 @@ def _describe(ds: Dataset, ts: UID) -> ParsedInstance:
     parsed = ParsedInstance(ds, str(ts), None, values)
     # Only the wanted tags are converted from their raw form (iterating ``ds`` would
     # convert every element, nested sequences included: 4x the parse time).
+    charset = _charset_key(ds)
     for tag in list(ds.keys()):
         level = extra_level(tag)
         if level is None or BY_TAG.get(tag) is not None:
             continue
         target = parsed.study_extra if level is Level.STUDY else parsed.series_extra
-        target[f"{tag:08X}"] = ds[tag].to_json_dict(_drop_bulk, BULK_DATA_THRESHOLD)
+        json_of = functools.partial(_json_of, ds, tag)
+        target[f"{tag:08X}"] = _converted("json", ds, tag, charset, json_of)
     return parsed
+
+
+def _json_of(ds: Dataset, tag: BaseTag) -> dict[str, Any]:
+    return ds[tag].to_json_dict(_drop_bulk, BULK_DATA_THRESHOLD)
+
+
+#: Values already converted by pydicom, by their raw form (tag, VR, bytes, character
+#: set): the instances of a series repeat most of their patient, study and series
+#: attributes, and pydicom's conversion of one element costs about 20 µs.
+_CONVERTED: dict[tuple[str, int, str | None, bytes, str | None], Any] = {}
+_CONVERTED_MAX = 4096
+_MISSING = object()
+
+
+def _charset_key(ds: Dataset) -> str | None:
+    element = ds._dict.get(BaseTag(_SPECIFIC_CHARACTER_SET))
+    value = getattr(element, "value", None)
+    return value.decode("latin-1") if isinstance(value, bytes) else repr(value)
+
+
+def _converted(
+    kind: str, ds: Dataset, tag: int, charset: str | None, convert: Callable[[], Any]
+) -> Any:
+    """``convert()``, or what it gave (for the same ``kind`` of use) for an element with
+    the same raw form before.
+
+    The result is shared between instances: callers only serialize it.
+    """
+    raw = ds._dict.get(BaseTag(tag))
+    value = getattr(raw, "value", None)
+    if not isinstance(raw, RawDataElement) or not isinstance(value, bytes):
+        return convert()
+    key = (kind, tag, raw.VR, value, charset)
+    found = _CONVERTED.get(key, _MISSING)
+    if found is _MISSING:
+        if len(_CONVERTED) >= _CONVERTED_MAX:
+            _CONVERTED.clear()
+        found = _CONVERTED[key] = convert()
+    return found
 
 
 def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any:
@@ -244,8 +289,12 @@ def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any
             return _column_value(names if len(names) > 1 else names[0], vr)
         if vr == "US" and len(value) >= 2:
             return int.from_bytes(value[:2], "little" if little_endian else "big")
-    element = ds.get(tag)
-    return _column_value(element.value if element is not None else None, vr)
+
+    def convert() -> Any:
+        element = ds.get(tag)
+        return _column_value(element.value if element is not None else None, vr)
+
+    return _converted("column", ds, tag, _charset_key(ds), convert)
 
 
 def _drop_bulk(_element: Any) -> str:
