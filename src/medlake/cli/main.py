@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from medlake import __version__
+import medlake
 from medlake.cli.options import DataOption
 from medlake.types import DEFAULT_PARTITION
 
@@ -93,7 +93,7 @@ def run() -> None:
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"medlake {__version__}")
+        console.print(f"medlake {medlake.__version__}")
         raise typer.Exit()
 
 
@@ -166,7 +166,7 @@ def serve(
         console.print(f"[red]cannot open the archive: {exc.message}[/]")
         raise typer.Exit(1) from exc
     console.print(
-        f"[bold]medlake {__version__}[/] lake [cyan]{archive.blobs.root}[/], "
+        f"[bold]medlake {medlake.__version__}[/] lake [cyan]{archive.blobs.root}[/], "
         f"index [cyan]{settings.resolved_database_url.split('@')[-1]}[/]"
     )
     scheme = "https" if settings.tls_cert_file else "http"
