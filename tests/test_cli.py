@@ -133,3 +133,27 @@ def test_ls_of_an_empty_archive(runner: CliRunner, data: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "0 studies" in result.output
+
+
+def test_help_lists_every_command_and_a_typo_gets_a_suggestion(runner: CliRunner) -> None:
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0
+    for command in ("serve", "ingest", "batch", "dimse", "mllp", "cohort", "token", "lake"):
+        assert f" {command} " in listed.output
+    typo = runner.invoke(app, ["ingset"], env={"COLUMNS": "200"})
+    assert typo.exit_code == 2
+    assert "Did you mean 'ingest'?" in typo.output
+
+
+def test_a_command_loads_only_what_it_needs() -> None:
+    # `medlake ingest` and its worker processes (which re-run the command line's module)
+    # start without the web framework, the DIMSE stack or the FHIR model.
+    code = (
+        "import sys; from medlake.cli.main import app; import medlake.cli.ingest_cmd; "
+        "print(sorted(m for m in ('fastapi', 'pynetdicom', 'fhir', 'fhir.resources') "
+        "if m in sys.modules))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert found.strip() == "[]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
 import importlib
 import signal
@@ -60,6 +61,18 @@ class _LazyGroup(TyperGroup):
         if command is None and cmd_name in _LAZY_COMMANDS:
             command = _load_command(cmd_name)
         return command
+
+    def resolve_command(self, ctx: Any, args: Any) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:  # click's UsageError: suggest the lazy commands too
+            message = getattr(exc, "message", None)
+            matches = difflib.get_close_matches(args[0], _LAZY_COMMANDS) if args else []
+            if isinstance(message, str) and matches and "Did you mean" not in message:
+                exc.message = (  # type: ignore[attr-defined]
+                    f"{message.rstrip('.')}. Did you mean {', '.join(map(repr, matches))}?"
+                )
+            raise
 
 
 def _load_command(name: str) -> Any:
