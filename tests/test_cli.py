@@ -149,7 +149,7 @@ def test_a_command_loads_only_what_it_needs() -> None:
     # `medlake ingest` and its worker processes (which re-run the command line's module)
     # start without the web framework, the DIMSE stack or the FHIR model.
     code = (
-        "import sys; from medlake.cli.main import app; import medlake.cli.ingest_cmd; "
+        "import sys; from medlake.cli.main import app; import medlake.cli.ingest_views; "
         "print(sorted(m for m in ('fastapi', 'pynetdicom', 'fhir', 'fhir.resources') "
         "if m in sys.modules))"
     )

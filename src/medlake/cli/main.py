@@ -161,7 +161,7 @@ def serve(
     from medlake.cli.log_setup import configure_logging
     from medlake.errors import MedlakeError
     from medlake.ingest.archive import Archive
-    from medlake.ingest.inspect import start_workers
+    from medlake.ingest.workers import start_workers
     from medlake.web import create_web_app, viewer_path
 
     settings = _settings(
@@ -295,14 +295,14 @@ def demo(
     ] = False,
 ) -> None:
     """Generate sample studies, ingest them and serve them."""
-    from medlake.cli import ingest_cmd
+    from medlake.cli import ingest_views
     from medlake.cli.demo_data import write_demo_studies
 
     settings = _settings(data=data or Path("demo-data"), http_port=http_port)
     source = settings.data / "demo-source"
     files = write_demo_studies(source)
     console.print(f"wrote {len(files)} sample instances to {source}")
-    batch = ingest_cmd.run_ingest(settings, str(source), DEFAULT_PARTITION)
+    batch = ingest_views.run_ingest(settings, str(source), DEFAULT_PARTITION)
     if batch.stored + batch.duplicates < len(files):
         console.print("[red]some sample instances were not stored[/]")
         raise typer.Exit(1)

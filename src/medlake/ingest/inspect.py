@@ -10,25 +10,23 @@ disk by the time the batch is stored, which is then only a rename). With
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import dataclasses
 import errno
 import functools
 import hashlib
-import multiprocessing
 import os
 import stat
 import sys
 import threading
-import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from medlake.dicom.parse import ParsedInstance, read_instance
 from medlake.errors import MedlakeError, StorageError, Unreadable
+from medlake.ingest.workers import pool as worker_pool
 
 _HASH_CHUNK = 1 << 20
 #: Bytes of a file kept in memory for the header parse (as the STOW receiver keeps).
@@ -84,63 +82,6 @@ def _inspect_in_worker(
     return inspect_file(path, head, sha256, keep_dataset=False, durable=durable)
 
 
-_pools: dict[int, ProcessPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    with _pools_lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
-                initargs=(os.getpid(),),
-            )
-            _pools[workers] = pool
-        return pool
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In a worker: exit as soon as the process that started it is gone (``kill -9`` of
-    the server or of ``medlake ingest``), instead of lingering as an orphan.
-
-    And when the pool shuts down, leave without tearing down the interpreter: a worker
-    holds no buffered output and no open file, and unloading pydicom and the rest took
-    a quarter of a second, which ``medlake ingest`` waited for before it could exit.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="medlake-parent-watch", daemon=True).start()
-    atexit.register(os._exit, 0)
-
-
-def start_workers(workers: int) -> None:
-    """Start the ``workers`` processes now, in the background, rather than at the first
-    file: each one starts Python and imports pydicom (about half a second), which the
-    first request or the first files of a batch would otherwise wait for."""
-    if workers <= 0:
-        return
-    pool = _pool(workers)
-    for _ in range(workers):  # one task per process: the pool starts one per task
-        pool.submit(_ready)
-
-
-def _ready() -> None:
-    """A worker's first task: unpickling it imported this module and the header parser."""
-
-
-@atexit.register
-def _shutdown_pools() -> None:
-    for pool in _pools.values():
-        pool.shutdown(cancel_futures=True)
-
-
 def submit_inspection(
     path: Path, head: bytes | None, sha256: str | None, workers: int, durable: bool = False
 ) -> Future[Inspection]:
@@ -149,7 +90,7 @@ def submit_inspection(
     if workers > 0:
         # The head is not sent: pickling 64 KiB through a pipe costs the server more than
         # the worker re-reading the file from the page cache.
-        inspection = _pool(workers).submit(_inspect_in_worker, path, None, sha256, False)
+        inspection = worker_pool(workers).submit(_inspect_in_worker, path, None, sha256, False)
         if not durable:
             return inspection
         # The worker parses while a thread here waits on the disk (fsync holds no GIL).
@@ -481,7 +422,7 @@ def submit_staging(
             future.set_result(inspection)
             futures.append(future)
         return futures, []
-    pool = _pool(workers)
+    pool = worker_pool(workers)
     items: list[Future[Inspection]] = [Future() for _ in jobs]
     groups: list[Future[list[Inspection]]] = []
     for start in range(0, len(jobs), per_task):

@@ -21,13 +21,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from medlake.config import Settings
 from medlake.errors import DatabaseUnavailable, MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (
@@ -70,16 +68,12 @@ from medlake.ingest.queue import (
 from medlake.ingest.reconcile import reconcile_batch
 from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.ingest.validation import rule_of
+from medlake.ingest.workers import default_workers
 from medlake.types import check_partition
 
 _DISCOVER_CHUNK = 1000
 #: Chunks claimed ahead of the one being stored, so workers copy while the index writes.
 _CHUNKS_AHEAD = 2
-
-
-def default_workers(settings: Settings) -> int:
-    """Worker processes when none are asked for: ``ingest_workers``, else one per core."""
-    return settings.ingest_workers or os.cpu_count() or 1
 
 
 def open_batch(
