@@ -260,9 +260,33 @@ def _copy_in_kernel(fd: int, size: int, target: Path, name: str) -> bool:
                 break  # the source shrank meanwhile: store what it holds now
             copied += n
         os.ftruncate(out, copied)
+        _start_writeback(out)
     finally:
         os.close(out)
     return True
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Have the kernel start writing the file to disk now, without waiting (Linux
+    ``sync_file_range``): the chunk's ``syncfs`` then finds most of it written,
+    instead of the disk idling while the files are copied and working while the
+    index waits."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)  # advisory
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
 
 
 def _try_link(path: str, target: Path) -> bool:
