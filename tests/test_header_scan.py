@@ -194,3 +194,20 @@ def test_the_same_bytes_in_another_character_set_decode_differently(tmp_path: Pa
         assert a.values["patient_name"] == "CafÃ©" and b.values["patient_name"] == "Café"
         assert a.series_extra["00081040"]["Value"] == ["CafÃ©"]
         assert b.series_extra["00081040"]["Value"] == ["Café"]
+
+
+def test_the_same_bytes_in_the_other_byte_order_decode_differently(tmp_path: Path) -> None:
+    little, big = _dataset(), _dataset()
+    little.PregnancyStatus = 4  # US, kept at the study level: bytes 04 00
+    big.PregnancyStatus = 1024  # bytes 04 00 in big endian
+    first = _write(tmp_path, little)
+    big.file_meta = FileMetaDataset()
+    big.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"  # Explicit VR Big Endian
+    big.file_meta.MediaStorageSOPClassUID = big.SOPClassUID
+    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    second = tmp_path / "big-endian.dcm"
+    big.save_as(second, enforce_file_format=True, little_endian=False, implicit_vr=False)
+
+    for whole in (True, False):
+        assert read_instance(first, None, whole=whole).study_extra["001021C0"]["Value"] == [4]
+        assert read_instance(second, None, whole=whole).study_extra["001021C0"]["Value"] == [1024]

@@ -574,7 +574,8 @@ class ImagingStudySync:
         quiet_for = dt.timedelta(seconds=quiet)
         # While the archive is receiving (a store anywhere within ``quiet``), a quiet study
         # waits too, up to _BUSY_HOLD: its ImagingStudy would take CPU from the stores.
-        busy = newest is not None and dt.datetime.now(dt.UTC) - _utc(newest) < quiet_for
+        age = dt.datetime.now(dt.UTC) - _utc(newest) if newest is not None else None
+        busy = quiet > 0 and age is not None and dt.timedelta(0) <= age < quiet_for
         hold = max(_BUSY_HOLD, quiet_for) if busy else quiet_for
         while True:
             with engine.connect() as conn:

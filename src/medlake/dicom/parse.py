@@ -109,14 +109,15 @@ def read_instance(path: Path, head: bytes | None = None, *, whole: bool = True) 
     try:
         size = path.stat().st_size
         if not whole:
-            if head is None:
+            scan_head = head
+            if scan_head is None:
                 with path.open("rb") as fh:
-                    head = fh.read(_SCAN_BYTES)
-            scanned = scan_header(head, _DESCRIBED, STUDY_MODULE_GROUPS)
-            located = _located(path, head, size, *scanned) if scanned is not None else None
+                    scan_head = fh.read(_SCAN_BYTES)
+            scanned = scan_header(scan_head, _DESCRIBED, STUDY_MODULE_GROUPS)
+            located = _located(path, scan_head, size, *scanned) if scanned is not None else None
             if located is not None:
                 return located
-        if head is not None:
+        if head is not None:  # (a head read just for the scan is not tried again)
             parsed = _read_from_head(path, head, size)
             if parsed is not None:
                 return parsed
@@ -233,8 +234,11 @@ def _json_of(ds: Dataset, tag: BaseTag) -> dict[str, Any]:
 #: Values already converted by pydicom, by their raw form (tag, VR, bytes, character
 #: set): the instances of a series repeat most of their patient, study and series
 #: attributes, and pydicom's conversion of one element costs about 20 µs.
-_CONVERTED: dict[tuple[str, int, str | None, bytes, str | None], Any] = {}
+_CONVERTED: dict[tuple[str, int, str | None, bool, bool, bytes, str | None], Any] = {}
 _CONVERTED_MAX = 4096
+#: Longer values are converted each time: the cache stays small (and keeps little of any
+#: patient's data after the request), and long values rarely repeat.
+_CONVERTED_MAX_BYTES = 256
 _MISSING = object()
 
 
@@ -254,9 +258,13 @@ def _converted(
     """
     raw = ds._dict.get(BaseTag(tag))
     value = getattr(raw, "value", None)
-    if not isinstance(raw, RawDataElement) or not isinstance(value, bytes):
+    if (
+        not isinstance(raw, RawDataElement)
+        or not isinstance(value, bytes)
+        or len(value) > _CONVERTED_MAX_BYTES
+    ):
         return convert()
-    key = (kind, tag, raw.VR, value, charset)
+    key = (kind, tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, value, charset)
     found = _CONVERTED.get(key, _MISSING)
     if found is _MISSING:
         if len(_CONVERTED) >= _CONVERTED_MAX:

@@ -9,9 +9,12 @@ command's own process imports the rest.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,8 +49,8 @@ def start_workers(workers: int) -> None:
     """Start the ``workers`` processes now, in the background, rather than at the first
     file: each one starts Python and imports pydicom (about half a second), which the
     first request or the first files of a batch would otherwise wait for."""
-    if workers <= 0:
-        return
+    if workers <= 0 or workers in _pools:
+        return  # none wanted, or started already
     started = pool(workers)
     for _ in range(workers):  # one task per process: the pool starts one per task
         started.submit(_ready)
@@ -73,7 +76,16 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="medlake-parent-watch", daemon=True).start()
-    atexit.register(os._exit, 0)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """A worker's last exit handler: flush logs and standard streams, then leave."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 @atexit.register
