@@ -109,7 +109,10 @@ def test_sequences_are_skipped_or_kept_as_pydicom_reads_them(
     parsed = read_instance(path, None, whole=False)
     assert "00081032" in parsed.study_extra  # ProcedureCodeSequence
     assert "00101001" in parsed.study_extra  # OtherPatientNames
-    assert (scan_header(path.read_bytes(), {0x00081032}) is None) == undefined_wanted
+    scanned = scan_header(path.read_bytes(), {0x00081032})  # kept: no fallback to pydicom
+    assert scanned is not None
+    assert scanned[0].ProcedureCodeSequence[0].CodeMeaning == "code"
+    assert scanned[0].ProcedureCodeSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
 
 
 def test_a_undefined_length_sequence_that_is_not_wanted_is_walked_over(tmp_path: Path) -> None:

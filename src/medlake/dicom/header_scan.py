@@ -7,8 +7,8 @@ elements of the common encoding (a Part-10 file with its preamble, explicit VR l
 endian, as nearly every modality writes) with one ``struct`` call each, keeps the
 wanted ones as pydicom raw elements and skips the rest, undefined-length sequences
 included; pydicom still decodes every value that is kept. Anything else (implicit
-VR, big endian, deflate, no preamble, a wanted element of undefined length, a
-malformed element) returns ``None``, and the caller reads the file with pydicom.
+VR, big endian, deflate, no preamble, a wanted element of undefined length other
+than a sequence, a malformed element) returns ``None``, and the caller reads the file with pydicom.
 """
 
 from __future__ import annotations
@@ -115,14 +115,21 @@ def _scan(
         else:
             return None  # not a VR: a malformed file, or not explicit VR after all
         if tag == _CHARACTER_SET or tag in wanted or group in wanted_groups:
-            if length == _UNDEFINED:
-                return None  # a wanted sequence of undefined length: pydicom reads those
             key = BaseTag(tag)
-            value = data[start : start + length]
-            if len(value) < length:
-                return None
+            if length == _UNDEFINED:
+                if vr != b"SQ":
+                    return None  # undefined-length UN (implicit VR inside): pydicom reads it
+                # A sequence of undefined length: its items up to (and with) the Sequence
+                # Delimitation Item, given to pydicom as a sequence of that length.
+                position = _skip_items(data, start)
+                value = data[start:position]
+                length = len(value)
+            else:
+                value = data[start : start + length]
+                if len(value) < length:
+                    return None
+                position = start + length
             kept[key] = RawDataElement(key, _VR_TEXT[vr], length, value, start, False, True)
-            position = start + length
         elif length != _UNDEFINED:
             position = start + length
         elif vr in (b"SQ", b"UN"):
