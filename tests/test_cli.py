@@ -12,7 +12,7 @@ from tests.lake_inspection import LakeInspection
 from typer.testing import CliRunner
 
 from medlake import __version__
-from medlake.cli.main import app
+from medlake.cli.main import _LAZY_COMMANDS, app, lazy_group
 from medlake.config import Settings
 from medlake.ingest.archive import Archive
 
@@ -143,6 +143,14 @@ def test_help_lists_every_command_and_a_typo_gets_a_suggestion(runner: CliRunner
     typo = runner.invoke(app, ["ingset"], env={"COLUMNS": "200"})
     assert typo.exit_code == 2
     assert "Did you mean 'ingest'?" in typo.output
+
+
+def test_the_lazy_command_table_names_every_command_of_each_module() -> None:
+    # A command a module registers but the table does not name would vanish from `medlake`.
+    modules = set(_LAZY_COMMANDS.values())
+    for module in modules:
+        named = {name for name, owner in _LAZY_COMMANDS.items() if owner == module}
+        assert set(lazy_group(module).commands) == named, module
 
 
 def test_a_command_loads_only_what_it_needs() -> None:

@@ -15,7 +15,12 @@ import pydicom.data
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from medlake.dicom.header_scan import scan_header
 from medlake.dicom.parse import read_instance
@@ -56,9 +61,9 @@ def test_pydicom_test_files_index_the_same(name: str) -> None:
     _assert_same(PYDICOM_FILES / name)
 
 
-def _write(tmp_path: Path, ds: Dataset, implicit: bool = False) -> Path:
+def _write(tmp_path: Path, ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> Path:
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = syntax  # the data set is written in it
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
@@ -135,7 +140,7 @@ def test_character_sets_decode_through_pydicom(tmp_path: Path) -> None:
 
 
 def test_other_encodings_and_bad_bytes_fall_back_to_pydicom(tmp_path: Path) -> None:
-    implicit = _write(tmp_path, _dataset(), implicit=True)
+    implicit = _write(tmp_path, _dataset(), ImplicitVRLittleEndian)
     assert scan_header(implicit.read_bytes(), {0x00100020}) is None
     _assert_same(implicit)
 
@@ -204,12 +209,7 @@ def test_the_same_bytes_in_the_other_byte_order_decode_differently(tmp_path: Pat
     little.PregnancyStatus = 4  # US, kept at the study level: bytes 04 00
     big.PregnancyStatus = 1024  # bytes 04 00 in big endian
     first = _write(tmp_path, little)
-    big.file_meta = FileMetaDataset()
-    big.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"  # Explicit VR Big Endian
-    big.file_meta.MediaStorageSOPClassUID = big.SOPClassUID
-    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
-    second = tmp_path / "big-endian.dcm"
-    big.save_as(second, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    second = _write(tmp_path, big, ExplicitVRBigEndian)
 
     for whole in (True, False):
         assert read_instance(first, None, whole=whole).study_extra["001021C0"]["Value"] == [4]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import gc
 import importlib
 import signal
@@ -76,13 +77,20 @@ class _LazyGroup(TyperGroup):
 
 
 def _load_command(name: str) -> Any:
-    module = importlib.import_module(f"medlake.cli.{_LAZY_COMMANDS[name]}")
+    return lazy_group(_LAZY_COMMANDS[name]).commands.get(name)
+
+
+@functools.cache
+def lazy_group(module_name: str) -> Any:
+    """The commands that ``medlake.cli.<module_name>`` adds to ``medlake``, built once
+    (``--help`` asks for each of a module's commands)."""
+    module = importlib.import_module(f"medlake.cli.{module_name}")
     holder = typer.Typer()
     if hasattr(module, "register"):
         module.register(holder)
     else:
-        holder.add_typer(module.app, name=name)
-    return typer.main.get_group(holder).commands.get(name)
+        holder.add_typer(module.app, name=module_name.removesuffix("_cmd"))
+    return typer.main.get_group(holder)
 
 
 app = typer.Typer(

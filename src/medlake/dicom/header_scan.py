@@ -19,7 +19,7 @@ from collections.abc import Collection
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
@@ -91,7 +91,7 @@ def _scan(
         group, element, vr = _TAG_VR.unpack_from(data, position)
         if group != 0x0002:
             break
-        position = _keep(data, position, (group << 16) | element, vr, meta)
+        position = _keep_meta(data, position, (group << 16) | element, vr, meta)
     if _TRANSFER_SYNTAX not in meta:
         return None
     file_meta = FileMetaDataset(Dataset(meta))
@@ -159,21 +159,23 @@ def _header(data: bytes, position: int, vr: bytes) -> tuple[int, int]:
     raise _Unsupported  # not a VR: a malformed file, or not explicit VR after all
 
 
-def _keep(
+def _keep_meta(
     data: bytes,
     position: int,
     tag: int,
     vr: bytes,
     into: dict[BaseTag, RawDataElement | DataElement],
 ) -> int:
+    """Add the File Meta element at ``position`` to ``into``; the offset after it."""
     length, size = _header(data, position, vr)
     if length == _UNDEFINED:
-        raise _Unsupported  # a wanted sequence of undefined length: pydicom reads those
+        raise _Unsupported  # no File Meta element has an undefined length
     start = position + size
     value = data[start : start + length]
     if len(value) < length:
         raise _Unsupported
-    into[Tag(tag)] = RawDataElement(Tag(tag), vr.decode("ascii"), length, value, start, False, True)
+    key = BaseTag(tag)
+    into[key] = RawDataElement(key, _VR_TEXT[vr], length, value, start, False, True)
     return start + length
 
 

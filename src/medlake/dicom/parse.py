@@ -189,7 +189,10 @@ def _frame_size(parsed: ParsedInstance, ts: UID) -> int | None:
     bits = _int(values.get("bits_allocated"))
     if not (rows and cols and bits) or parsed.dataset is None:
         return None
-    samples = _attribute_value(parsed.dataset, _SAMPLES_PER_PIXEL, "US", ts.is_little_endian)
+    dataset = parsed.dataset
+    samples = _attribute_value(
+        dataset, _SAMPLES_PER_PIXEL, "US", ts.is_little_endian, _charset_key(dataset)
+    )
     return native_frame_size(rows, cols, _int(samples) or 1, bits)
 
 
@@ -203,8 +206,9 @@ def _int(value: Any) -> int | None:
 def _describe(ds: Dataset, ts: UID) -> ParsedInstance:
     """The index values and extra attributes of ``ds`` (frames not located yet)."""
     little_endian = ts.is_little_endian
+    charset = _charset_key(ds)
     values: dict[str, Any] = {
-        column: _attribute_value(ds, tag, vr, little_endian) for column, tag, vr in _READ
+        column: _attribute_value(ds, tag, vr, little_endian, charset) for column, tag, vr in _READ
     }
     values[_TRANSFER_SYNTAX_COLUMN] = str(ts)
     for keyword, column in _REQUIRED:
@@ -216,7 +220,6 @@ def _describe(ds: Dataset, ts: UID) -> ParsedInstance:
     parsed = ParsedInstance(ds, str(ts), None, values)
     # Only the wanted tags are converted from their raw form (iterating ``ds`` would
     # convert every element, nested sequences included: 4x the parse time).
-    charset = _charset_key(ds)
     for tag in list(ds.keys()):
         level = extra_level(tag)
         if level is None or BY_TAG.get(tag) is not None:
@@ -273,7 +276,9 @@ def _converted(
     return found
 
 
-def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any:
+def _attribute_value(
+    ds: Dataset, tag: int, vr: str, little_endian: bool, charset: str | None
+) -> Any:
     """The index value of one top-level attribute.
 
     Plain ASCII text and US values are decoded straight from the raw bytes pydicom
@@ -302,7 +307,7 @@ def _attribute_value(ds: Dataset, tag: int, vr: str, little_endian: bool) -> Any
         element = ds.get(tag)
         return _column_value(element.value if element is not None else None, vr)
 
-    return _converted("column", ds, tag, _charset_key(ds), convert)
+    return _converted("column", ds, tag, charset, convert)
 
 
 def _drop_bulk(_element: Any) -> str:

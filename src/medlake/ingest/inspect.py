@@ -274,19 +274,9 @@ def _start_writeback(fd: int) -> None:
     ``sync_file_range``): the chunk's ``syncfs`` then finds most of it written,
     instead of the disk idling while the files are copied and working while the
     index waits."""
-    call = _sync_file_range()
+    call = _linux_libc("sync_file_range")
     if call is not None:
         call(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)  # advisory
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
 
 
 def _try_link(path: str, target: Path) -> bool:
@@ -375,7 +365,7 @@ def flush_filesystem(folder: Path) -> bool:
     per file, as ``cp -r`` followed by ``sync`` does. It also flushes what other
     processes wrote to that filesystem, which they would have had to flush anyway.
     """
-    syncfs = _syncfs()
+    syncfs = _linux_libc("syncfs")
     if syncfs is None:
         return False
     fd = os.open(folder, os.O_RDONLY)
@@ -389,11 +379,13 @@ def flush_filesystem(folder: Path) -> bool:
 
 
 @functools.cache
-def _syncfs() -> Any:
+def _linux_libc(name: str) -> Any:
+    """The C library's function ``name`` (``syncfs``, ``sync_file_range``): Linux calls
+    Python's ``os`` does not offer; None elsewhere, or where libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
 
