@@ -7,6 +7,8 @@ Phases (figures are ``<name> <value> <unit>  # details``, the shared bench's for
 
 1. ``baseline.cp_r_sync_*``: ``cp -r DATASET/dicom`` into a fresh folder of the scratch
    filesystem, then ``sync``; median of 3 (the source is in the page cache, as for ingest).
+   ``floor.copy_hash_*``: the least a copy-mode ingest must do, copying and hashing the
+   files in one started process per core (``ingest_floor.py``), and its ratio to Orthanc.
 2. ``ingest.*``: ``medlake ingest DATASET/dicom --data <fresh>`` with the default workers;
    wall time of the whole command (process start included), MB/s, inst/s, peak RSS of the
    main process and of its worker processes (sampled VmHWM), the batch's own time.
@@ -37,6 +39,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ingest_floor import copy_floor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,6 +260,32 @@ def main() -> int:
         f"cp -r then sync of {files} files, {mb:.0f} MB, median of 3: {cp_median:.3f}s; "
         f"runs {' '.join(f'{t:.3f}' for t in cp_times)}",
     )
+    orthanc = orthanc_stow(args.orthanc)
+    emit(
+        lines,
+        "ratio.cp_sync_vs_orthanc_stow",
+        f"{files / cp_median / orthanc:.2f}",
+        "ratio",
+        f"cp -r + sync at {files / cp_median:.1f} inst/s vs Orthanc stow.inst_per_s {orthanc}",
+    )
+    floor_times = copy_floor(source, args.work, cores or 1)
+    floor_median = statistics.median(floor_times)
+    emit(
+        lines,
+        "floor.copy_hash_inst_per_s",
+        files / floor_median,
+        "inst/s",
+        f"read + SHA-256 + write of every file in {cores} started processes, then syncfs "
+        f"(ingest_floor.py: no parse, index or start-up), median of 3: {floor_median:.3f}s; "
+        f"runs {' '.join(f'{t:.3f}' for t in floor_times)}",
+    )
+    emit(
+        lines,
+        "ratio.floor_vs_orthanc_stow",
+        f"{files / floor_median / orthanc:.2f}",
+        "ratio",
+        "the most any copy-mode ingest could show against Orthanc here",
+    )
     warm(source)
     run = run_ingest(source, args.work / "medlake-data", [files])
     batch = run.batch
@@ -293,7 +323,6 @@ def main() -> int:
         "MB",
         "largest VmHWM of one worker process",
     )
-    orthanc = orthanc_stow(args.orthanc)
     ratio_cp = rate / cp_rate
     ratio_orthanc = inst / orthanc
     emit(

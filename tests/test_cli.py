@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -154,8 +155,7 @@ def test_the_lazy_command_table_names_every_command_of_each_module() -> None:
 
 
 def test_a_command_loads_only_what_it_needs() -> None:
-    # `medlake ingest` and its worker processes (which re-run the command line's module)
-    # start without the web framework, the DIMSE stack or the FHIR model.
+    # `medlake ingest` starts without the web framework, the DIMSE stack or the FHIR model.
     code = (
         "import sys; from medlake.cli.main import app; import medlake.cli.ingest_views; "
         "print(sorted(m for m in ('fastapi', 'pynetdicom', 'fhir', 'fhir.resources') "
@@ -165,3 +165,34 @@ def test_a_command_loads_only_what_it_needs() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert found.strip() == "[]"
+
+
+def test_worker_processes_start_without_the_command_line(tmp_path: Path) -> None:
+    # A spawned worker first imports the program's main module again. For the console
+    # script that is `medlake.__main__`, which must cost the workers nothing: no Typer,
+    # Rich or settings model in each of them.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["medlake"] == "medlake.__main__:main"
+    script = tmp_path / "medlake"
+    script.write_text(  # the console script pip writes, and a probe run in a worker
+        "import sys\n"
+        "from medlake.__main__ import main\n"
+        "def loaded():\n"
+        "    return sorted({m.split('.')[0] for m in sys.modules})\n"
+        "if __name__ == '__main__':\n"
+        "    from medlake.ingest.workers import pool, start_workers\n"
+        "    start_workers(1)\n"
+        "    print(' '.join(pool(1).submit(loaded).result()))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "pydicom" in found  # the worker is ready to parse
+    assert not {"typer", "rich", "click", "pydantic", "pydantic_settings"} & set(found)
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    found = subprocess.run(
+        [sys.executable, "-m", "medlake", "--version"], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == f"medlake {__version__}"

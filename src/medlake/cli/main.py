@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 #: Command name -> the module of ``medlake.cli`` that defines it. A module is imported
 #: only when one of its commands runs (or ``--help`` lists them): ``medlake ingest``
-#: then starts without FastAPI, pynetdicom or the FHIR model, and so do its worker
-#: processes, which re-run this module on start.
+#: then starts without FastAPI, pynetdicom or the FHIR model. (Its worker processes
+#: import none of this module: the console script is ``medlake.__main__``.)
 _LAZY_COMMANDS = {
     "ingest": "ingest_cmd",  # ingest, watch, batches, batch show|resume, reconcile
     "watch": "ingest_cmd",

@@ -18,8 +18,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
-from medlake.config import Settings
+if TYPE_CHECKING:
+    from medlake.config import Settings
 
 _pools: dict[int, ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
