@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -196,3 +197,32 @@ def test_python_dash_m_runs_the_command_line() -> None:
         [sys.executable, "-m", "medlake", "--version"], capture_output=True, text=True, check=True
     )
     assert found.stdout.strip() == f"medlake {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [
+        (["ae", "list"], 1),
+        (["hl7", "senders", "list"], 1),
+        (["token", "list"], 1),
+        (["audit", "verify"], 1),
+        (["cohort", "-"], 1),
+        (["batches"], 2),  # the ingest commands keep 1 for rejected files
+        (["lifecycle", "status"], 2),
+    ],
+)
+def test_an_unreachable_index_database_is_one_line_not_a_traceback(
+    tmp_path: Path, command: list[str], status: int
+) -> None:
+    env = {"MEDLAKE_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/nothing"}
+    result = subprocess.run(
+        [sys.executable, "-m", "medlake", *command, "--data", str(tmp_path)],
+        input=b'{"resource": "studies"}',
+        capture_output=True,
+        env={**os.environ, **env, "COLUMNS": "200"},
+        check=False,
+    )
+    stderr = result.stderr.decode() + result.stdout.decode()
+    assert result.returncode == status, stderr
+    assert "error: cannot reach the index database" in stderr
+    assert "Traceback" not in stderr

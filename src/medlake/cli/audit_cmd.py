@@ -11,11 +11,10 @@ import orjson
 import typer
 from rich.console import Console
 
+from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
 from medlake.cli.token_cmd import audit_cli
-from medlake.config import load_settings
 from medlake.errors import MedlakeError
-from medlake.ingest.archive import Archive
 from medlake.security import Action, Anchor, export_audit_events, verify_chain
 
 app = typer.Typer(help="The audit log: verify its hash chain, export it.", no_args_is_help=True)
@@ -54,8 +53,7 @@ def verify(
         kept = Anchor.parse(anchor) if anchor else None
     except MedlakeError as exc:
         raise typer.BadParameter(exc.message, param_hint="--anchor") from None
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         result = verify_chain(archive.engine, kept)
         audit_cli(
             archive,
@@ -63,11 +61,6 @@ def verify(
             f"audit verify: {'intact' if result.ok else result.reason}",
             {},
         )
-    except MedlakeError as exc:
-        console.print(f"[red]{exc.message}[/]")
-        raise typer.Exit(1) from None
-    finally:
-        archive.close()
     if as_json:
         body = {
             "ok": result.ok,
@@ -107,8 +100,7 @@ def export(
 ) -> None:
     """Write the audit log as FHIR R4 AuditEvent NDJSON (DICOM audit codes)."""
     start, end = _instant(since, "--since"), _instant(until, "--until")
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         if out is None:
             count = export_audit_events(archive.engine, sys.stdout.buffer, since=start, until=end)
             sys.stdout.buffer.flush()
@@ -116,9 +108,4 @@ def export(
             with out.open("wb") as fh:
                 count = export_audit_events(archive.engine, fh, since=start, until=end)
         audit_cli(archive, Action.AUDIT_READ, f"audit export: {count} records", {})
-    except MedlakeError as exc:
-        console.print(f"[red]{exc.message}[/]")
-        raise typer.Exit(1) from None
-    finally:
-        archive.close()
     console.print(f"{count} audit events written" + (f" to {out}" if out else ""))

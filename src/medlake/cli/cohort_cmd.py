@@ -12,12 +12,10 @@ import orjson
 import typer
 from rich.console import Console
 
+from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
 from medlake.clinical.cohort import CohortResult, find_cohort
 from medlake.clinical.imaging_study import sync_imaging_studies
-from medlake.config import load_settings
-from medlake.errors import MedlakeError
-from medlake.ingest.archive import Archive
 
 console = Console(stderr=True)
 
@@ -63,14 +61,8 @@ def cohort(
     if fmt is OutputFormat.parquet and out is None and sys.stdout.isatty():
         console.print("[red]error[/]: Parquet is binary; use --out FILE or a pipe")
         raise typer.Exit(2)
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         result = find_cohort(archive, text, partition=partition)
-    except MedlakeError as exc:
-        console.print(f"[red]error[/]: {exc.message}")
-        raise typer.Exit(1) from exc
-    finally:
-        archive.close()
     body = _render(result, fmt)
     if out is None:
         sys.stdout.buffer.write(body)
@@ -110,11 +102,8 @@ def sync_imaging(
 ) -> None:
     """Write the ImagingStudy of every study stored or changed while no server ran, and
     link new FHIR Patients to their studies."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         report = sync_imaging_studies(archive, full=full, partition=partition)
-    finally:
-        archive.close()
     console.print(
         f"{report.studies} studies looked at: {report.written} ImagingStudy written, "
         f"{report.deleted} deleted, {report.patients_created} Patients made from DICOM; "

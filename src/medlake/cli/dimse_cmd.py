@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.lifetime import opened_archive, wait_until_stopped
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
@@ -23,7 +22,6 @@ from medlake.dicomweb.retrieve import retrieve as locate_for_retrieve
 from medlake.dimse import ae_registry, scu
 from medlake.dimse._transport import FAST_TRANSPORT
 from medlake.dimse.scp import DimseServer
-from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.types import DEFAULT_PARTITION
 
@@ -59,11 +57,6 @@ def _files(path: Path) -> Iterator[Path]:
             yield Path(root, name)
 
 
-def _fail(exc: MedlakeError) -> typer.Exit:
-    console.print(f"[red]error[/]: {exc.message}")
-    return typer.Exit(1)
-
-
 def start_scp(archive: Archive, settings: Settings) -> DimseServer | None:
     """Start the DIMSE SCP of ``medlake serve`` (None when dimse_port is 0); it runs in
     pynetdicom's threads beside uvicorn until :meth:`DimseServer.stop`."""
@@ -71,10 +64,7 @@ def start_scp(archive: Archive, settings: Settings) -> DimseServer | None:
         console.print("DIMSE: off (dimse_port 0)")
         return None
     _quiet_pynetdicom(settings)
-    try:
-        server = DimseServer(archive).start()
-    except MedlakeError as exc:  # e.g. the port is taken: say so, do not serve half
-        raise _fail(exc) from exc
+    server = DimseServer(archive).start()  # a port that is taken: an error, nothing served
     _announce(server, settings)
     return server
 
@@ -116,24 +106,13 @@ def dimse(
     settings = load_settings(data=data, dimse_host=host, dimse_port=port, ae_title=ae_title)
     configure_logging(settings)
     _quiet_pynetdicom(settings)
-    archive = Archive.open(settings)
-    try:
+    with opened_archive(settings=settings) as archive:
         server = DimseServer(archive).start()
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    _announce(server, settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        # Timed waits: an untimed Event.wait() sometimes never returned after SIGTERM
-        # (seen in CI), leaving the process running.
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        archive.close()
+        _announce(server, settings)
+        try:
+            wait_until_stopped()
+        finally:
+            server.stop()
 
 
 def send(
@@ -161,8 +140,7 @@ def send(
     """
     if not paths and not study:
         raise typer.BadParameter("give files/folders to send, or --study UID")
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         peer = scu.resolve_peer(archive, aec, host, port)
         items: list[scu.Outgoing] = []
         failed: list[tuple[str, str]] = []
@@ -175,10 +153,6 @@ def send(
             failed.extend(unusable)
         console.print(f"sending {len(items)} instances to {peer}")
         result = scu.send(archive, peer, items)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     failed.extend(result.failed)
     for what, why in failed[:20]:
         console.print(f"[red]failed[/] {what}: {why}")
@@ -231,25 +205,22 @@ def retrieve(
     """
     settings = load_settings(data=data)
     _quiet_pynetdicom(settings)
-    archive = Archive.open(settings)
     server: DimseServer | None = None
-    try:
-        peer = scu.resolve_peer(archive, aec, host, port)
-        uids = list(study or [])
-        if not uids:
-            keys = dict(_key_value(k) for k in query or [])
-            uids = scu.find_studies(archive, peer, keys)
-            console.print(f"{len(uids)} studies match at {peer}")
-        if method == "move" and listen:
-            server = DimseServer(archive).start()
-            _announce(server, settings)
-        result = scu.retrieve(archive, peer, uids, method=method, partition=partition)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        if server is not None:
-            server.stop()
-        archive.close()
+    with opened_archive(settings=settings) as archive:
+        try:
+            peer = scu.resolve_peer(archive, aec, host, port)
+            uids = list(study or [])
+            if not uids:
+                keys = dict(_key_value(k) for k in query or [])
+                uids = scu.find_studies(archive, peer, keys)
+                console.print(f"{len(uids)} studies match at {peer}")
+            if method == "move" and listen:
+                server = DimseServer(archive).start()
+                _announce(server, settings)
+            result = scu.retrieve(archive, peer, uids, method=method, partition=partition)
+        finally:
+            if server is not None:
+                server.stop()
     for problem in result.problems[:20]:
         console.print(f"[red]problem[/] {problem}")
     console.print(
@@ -283,16 +254,9 @@ def ae_add(
     data: DataOption = None,
 ) -> None:
     """Register an AE."""
-    archive = Archive.open(load_settings(data=data))
-    try:
-        ae = ae_registry.ApplicationEntity(
-            ae_title, host, port, partition, store, query, description
-        )
+    ae = ae_registry.ApplicationEntity(ae_title, host, port, partition, store, query, description)
+    with opened_archive(data) as archive:
         added = ae_registry.add_ae(archive, ae, replace=replace)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"registered {added.ae_title} at {added.host}:{added.port}")
 
 
@@ -302,11 +266,8 @@ def ae_list(
     data: DataOption = None,
 ) -> None:
     """List the registered AEs."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         found = ae_registry.list_aes(archive)
-    finally:
-        archive.close()
     if as_json:
         typer.echo(orjson.dumps([ae.to_json() for ae in found]).decode())
         return
@@ -326,13 +287,8 @@ def ae_remove(
     data: DataOption = None,
 ) -> None:
     """Forget a registered AE."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         ae_registry.remove_ae(archive, ae_title)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"removed {ae_title.strip()}")
 
 
@@ -342,14 +298,9 @@ def ae_echo(
     data: DataOption = None,
 ) -> None:
     """C-ECHO a registered AE (exit 1 unless it answers Success)."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         peer = scu.resolve_peer(archive, ae_title)
         code = scu.echo(archive, peer)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"{peer}: C-ECHO status 0x{code:04X}")
     if code != 0:
         raise typer.Exit(1)

@@ -5,8 +5,6 @@ the listener that ``medlake serve`` runs beside HTTP."""
 from __future__ import annotations
 
 import datetime as dt
-import signal
-import threading
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
@@ -15,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.lifetime import opened_archive, wait_until_stopped
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.clinical.hl7 import (
@@ -22,7 +21,6 @@ from medlake.clinical.hl7 import (
     Hl7Mapper,
     Hl7Sender,
     MessageQuery,
-    MllpError,
     MllpListener,
     add_sender,
     get_message,
@@ -31,7 +29,6 @@ from medlake.clinical.hl7 import (
     remove_sender,
 )
 from medlake.config import Settings, load_settings
-from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
 
 console = Console()
@@ -78,11 +75,7 @@ def _start(archive: Archive, settings: Settings) -> Hl7Service:
         plain=settings.mllp_port > 0 or not settings.mllp_tls_port,
         on_accepted=mapper.wake if mapper is not None else None,
     )
-    try:
-        listener.start()
-    except MllpError as exc:
-        console.print(f"[red]error[/]: {exc.message}")
-        raise typer.Exit(1) from exc
+    listener.start()  # a port that is taken: an error, nothing served
     if mapper is not None:
         mapper.yield_to(listener.receiver)
         mapper.start()
@@ -123,18 +116,12 @@ def mllp(
     """Run the HL7 v2 MLLP listener (and the FHIR mapper) alone until Ctrl-C."""
     settings = load_settings(data=data, mllp_host=host, mllp_port=port, mllp_tls_port=tls_port)
     configure_logging(settings)
-    archive = Archive.open(settings)
-    service = _start(archive, settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):  # timed waits: see `medlake dimse`
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        service.stop()
-        archive.close()
+    with opened_archive(settings=settings) as archive:
+        service = _start(archive, settings)
+        try:
+            wait_until_stopped()
+        finally:
+            service.stop()
 
 
 @app.command("ls")
@@ -160,23 +147,16 @@ def list_command(
     offset: Annotated[int, typer.Option(help="Rows to skip.")] = 0,
 ) -> None:
     """List received messages, newest first."""
-    archive = Archive.open(load_settings(data=data))
-    try:
-        query = MessageQuery(
-            message_type=message_type,
-            status=status,
-            control_id=control_id,
-            since=since.replace(tzinfo=dt.UTC) if since and since.tzinfo is None else since,
-            limit=limit,
-            offset=offset,
-        )
-        with archive.engine.connect() as conn:
-            total, rows = list_messages(conn, query)
-    except MedlakeError as exc:
-        console.print(f"[red]error[/]: {exc.message}")
-        raise typer.Exit(1) from exc
-    finally:
-        archive.close()
+    query = MessageQuery(
+        message_type=message_type,
+        status=status,
+        control_id=control_id,
+        since=since.replace(tzinfo=dt.UTC) if since and since.tzinfo is None else since,
+        limit=limit,
+        offset=offset,
+    )
+    with opened_archive(data) as archive, archive.engine.connect() as conn:
+        total, rows = list_messages(conn, query)
     table = Table("id", "received", "type", "control id", "sender", "status", "ack", "detail")
     for row in rows:
         sender = "/".join(p for p in (row.sending_application, row.sending_facility) if p)
@@ -203,26 +183,14 @@ def show_command(
     data: DataOption = None,
 ) -> None:
     """Show one message: its row, the resources made from it, and the message itself."""
-    archive = Archive.open(load_settings(data=data))
-    try:
-        with archive.engine.connect() as conn:
-            row = get_message(conn, message_id)
-    except MedlakeError as exc:
-        console.print(f"[red]error[/]: {exc.message}")
-        raise typer.Exit(1) from exc
-    finally:
-        archive.close()
+    with opened_archive(data) as archive, archive.engine.connect() as conn:
+        row = get_message(conn, message_id)
     for key, value in row.to_json().items():
         if value not in (None, [], ""):
             console.print(f"[bold]{key}[/]: {value}", highlight=False)
     console.print()
     text = row.raw_text if row.raw_text is not None else row.payload.decode("latin_1")
     console.print(text.replace("\r", "\n").rstrip("\n"), highlight=False, markup=False)
-
-
-def _fail(exc: MedlakeError) -> typer.Exit:
-    console.print(f"[red]error[/]: {exc.message}")
-    return typer.Exit(1)
 
 
 @senders_app.command("add")
@@ -254,14 +222,9 @@ def senders_add(
     data: DataOption = None,
 ) -> None:
     """Register a sender whose messages the MLLP listener accepts into PARTITION."""
-    archive = Archive.open(load_settings(data=data))
-    try:
-        sender = Hl7Sender(name, host, partition, application, facility, tls_subject, description)
+    sender = Hl7Sender(name, host, partition, application, facility, tls_subject, description)
+    with opened_archive(data) as archive:
         added = add_sender(archive.engine, sender, replace=replace)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"registered HL7 sender {added.name} ({added.host}) -> {added.partition}")
 
 
@@ -271,11 +234,8 @@ def senders_list(
     data: DataOption = None,
 ) -> None:
     """List the registered senders."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         found = list_senders(archive.engine)
-    finally:
-        archive.close()
     if as_json:
         typer.echo(orjson.dumps([sender.to_json() for sender in found]).decode())
         return
@@ -294,13 +254,8 @@ def senders_remove(
     data: DataOption = None,
 ) -> None:
     """Forget a registered sender (its open connections are refused within seconds)."""
-    archive = Archive.open(load_settings(data=data))
-    try:
+    with opened_archive(data) as archive:
         remove_sender(archive.engine, name)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"removed HL7 sender {name}")
 
 

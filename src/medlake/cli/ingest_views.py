@@ -4,9 +4,9 @@ when one of them runs): progress bars, summaries and tables over ``medlake.inges
 
 from __future__ import annotations
 
-import signal
-import threading
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from medlake.cli.lifetime import opened_archive, wait_until_stopped
 from medlake.cli.log_setup import configure_logging
-from medlake.config import Settings, load_settings
+from medlake.config import Settings
 from medlake.errors import InvalidInput, MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.ingest.batches import (
@@ -57,13 +58,20 @@ EXIT_PAUSED = 2
 _SHOWN_ERRORS = 20
 
 
-def _open(data: Path | None) -> Archive:
-    return Archive.open(load_settings(data=data))
-
-
 def _fail(exc: MedlakeError) -> typer.Exit:
     console.print(f"[red]error:[/] {escape(exc.message)}")
     return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _opened(data: Path | None) -> Iterator[Archive]:
+    """The archive of ``--data``; an error exits with status 2 (status 1 says that
+    files were rejected or that reconciliation failed)."""
+    try:
+        with opened_archive(data) as archive:
+            yield archive
+    except MedlakeError as exc:
+        raise _fail(exc) from exc
 
 
 # --- medlake ingest -----------------------------------------------------------------------
@@ -133,8 +141,7 @@ def run_ingest(
     """Ingest ``source`` with a progress bar and print the batch's summary (also used by
     ``medlake demo``). Raises :class:`MedlakeError` for a source that cannot be read."""
     start_workers(default_workers(settings) if workers is None else workers)  # meanwhile: open
-    archive = Archive.open(settings)
-    try:
+    with opened_archive(settings=settings) as archive:
         batch, resumed = open_batch(archive, source, partition)
         if batch.status == BatchStatus.PAUSED:
             console.print(
@@ -145,8 +152,6 @@ def run_ingest(
         if resumed:
             console.print(f"resuming batch {batch.id} ({batch.seen} files done)")
         return _run_with_progress(archive, batch, workers, with_discovery=True)
-    finally:
-        archive.close()
 
 
 def _run_with_progress(
@@ -239,8 +244,7 @@ def run_fhir_import(
         raise InvalidInput(f"{source}: no {' / '.join(suffixes)} files to import")
     from medlake.clinical.bulk_import import import_files  # the FHIR model: only here
 
-    archive = Archive.open(settings)
-    try:
+    with opened_archive(settings=settings) as archive:
         started = time.monotonic()
         result = import_files(archive, files, partition=partition, mapping=mapping)
         elapsed = time.monotonic() - started
@@ -250,8 +254,6 @@ def run_fhir_import(
         if result.job.error_message:
             console.print(f"[red]import failed[/]: {escape(result.job.error_message)}")
         return result.batch
-    finally:
-        archive.close()
 
 
 # --- medlake watch -----------------------------------------------------------------------
@@ -261,7 +263,13 @@ def watch(
     source: str, data: Path | None, partition: str | None, after: str | None, workers: int | None
 ) -> None:
     """``medlake watch``: see :func:`medlake.cli.ingest_cmd.watch`."""
-    archive = _open(data)
+    with _opened(data) as archive:
+        _watch(archive, source, partition, after, workers)
+
+
+def _watch(
+    archive: Archive, source: str, partition: str | None, after: str | None, workers: int | None
+) -> None:
     configure_logging(archive.settings)
     events = EventHub()
 
@@ -286,21 +294,14 @@ def watch(
         watcher = DropZoneWatcher(
             archive, source, partition=partition, after=after, workers=workers, events=events
         )
-    except (MedlakeError, ValueError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    except ValueError as exc:  # e.g. an unknown --after
+        raise InvalidInput(str(exc)) from exc
     console.print(f"watching {watcher.zone.url} (Ctrl-C to stop)")
     watcher.start()
     try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_until_stopped()
     finally:
         watcher.stop()
-        archive.close()
 
 
 # --- medlake batches / batch show / batch resume -----------------------------------------
@@ -310,12 +311,8 @@ def batches(
     data: Path | None, kind: str | None, status: str | None, limit: int, json: bool
 ) -> None:
     """``medlake batches``: see :func:`medlake.cli.ingest_cmd.batches`."""
-    archive = _open(data)
-    try:
-        with archive.engine.connect() as conn:
-            found = list_batches(conn, kind=kind, status=status, limit=limit)
-    finally:
-        archive.close()
+    with _opened(data) as archive, archive.engine.connect() as conn:
+        found = list_batches(conn, kind=kind, status=status, limit=limit)
     if json:
         typer.echo(orjson.dumps([b.to_json() for b in found]).decode())
         return
@@ -333,16 +330,10 @@ def batches(
 
 def show(batch_id: str, data: Path | None, errors: int, json: bool) -> None:
     """``medlake batch show``: see :func:`medlake.cli.ingest_cmd.show`."""
-    archive = _open(data)
-    try:
-        with archive.engine.connect() as conn:
-            batch = get_batch(conn, batch_id)
-            rows = list_errors(conn, batch_id, limit=errors)
-            by_severity = count_errors(conn, batch_id)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
+    with _opened(data) as archive, archive.engine.connect() as conn:
+        batch = get_batch(conn, batch_id)
+        rows = list_errors(conn, batch_id, limit=errors)
+        by_severity = count_errors(conn, batch_id)
     if json:
         body = {**batch.to_json(), "errors": [e.to_json() for e in rows]}
         typer.echo(orjson.dumps(body).decode())
@@ -370,17 +361,12 @@ def show(batch_id: str, data: Path | None, errors: int, json: bool) -> None:
 
 def resume(batch_id: str, data: Path | None, retry_failed: bool, workers: int | None) -> None:
     """``medlake batch resume``: see :func:`medlake.cli.ingest_cmd.resume`."""
-    archive = _open(data)
-    try:
+    with _opened(data) as archive:
         batch = resume_batch(archive.engine, batch_id, retry_failed=retry_failed)
         console.print(f"resuming batch {batch.id} ({batch.seen} files done)")
         if not batch.detail.get("discovered", True):
             discover(archive, batch)
         done = _run_with_progress(archive, batch, workers, with_discovery=False)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     raise typer.Exit(_exit_code(done))
 
 
@@ -389,13 +375,8 @@ def resume(batch_id: str, data: Path | None, retry_failed: bool, workers: int | 
 
 def reconcile(data: Path | None, partition: str, json: bool) -> None:
     """``medlake reconcile``: see :func:`medlake.cli.ingest_cmd.reconcile`."""
-    archive = _open(data)
-    try:
+    with _opened(data) as archive:
         result = reconcile_partition(archive, partition)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     if json:
         typer.echo(orjson.dumps(result.to_json()).decode())
     else:

@@ -3,16 +3,17 @@ retire)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
 from medlake.cli.token_cmd import audit_cli
 from medlake.config import Settings, load_settings
-from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.security import Action
 from medlake.security.lake_encryption import (
@@ -41,19 +42,11 @@ def _key_file(settings: Settings, key_file: Path | None) -> Path:
     return key_file or settings.resolved_encryption_key_file
 
 
-def _fail(exc: MedlakeError) -> typer.Exit:
-    console.print(f"[red]{exc.message}[/]")
-    return typer.Exit(1)
-
-
 @app.command("create")
 def create(data: DataOption = None, key_file: KeyFileOption = None) -> None:
     """Write a new key file with one key-encryption key (refused if the file exists)."""
     path = _key_file(load_settings(data=data), key_file)
-    try:
-        key_id = create_key_file(path)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
+    key_id = create_key_file(path)
     console.print(f"created key {key_id} in {path} (mode 0600)")
     console.print(
         "[yellow]keep a copy of this file somewhere safe and apart from the lake: "
@@ -65,23 +58,17 @@ def create(data: DataOption = None, key_file: KeyFileOption = None) -> None:
 def list_keys(data: DataOption = None, key_file: KeyFileOption = None) -> None:
     """List the ids of the key file's keys (never the keys themselves)."""
     path = _key_file(load_settings(data=data), key_file)
-    try:
-        current, ids = key_ids(path)
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
+    current, ids = key_ids(path)
     for key_id in ids:
         console.print(f"{key_id}{'  (current)' if key_id == current else ''}")
 
 
-def _open_encrypted(data: Path | None) -> Archive:
+def _encrypted_archive(data: Path | None) -> contextlib.AbstractContextManager[Archive]:
     settings = load_settings(data=data)
     if not settings.encrypt_at_rest:
         console.print("[red]encrypt_at_rest is off: there are no lake keys to rotate[/]")
         raise typer.Exit(1)
-    try:
-        return Archive.open(settings)  # checks that the key file fits the lake
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
+    return opened_archive(settings=settings)  # opening checks that the key file fits the lake
 
 
 def _report(report: LakeRotation) -> None:
@@ -100,9 +87,8 @@ def rotate(data: DataOption = None) -> None:
     """Add a new key-encryption key, make it current and re-wrap every blob's data key
     with it (headers only; the data is not re-encrypted). Running servers pick up the
     new key by themselves. The old keys stay until `medlake keys retire`."""
-    archive = _open_encrypted(data)
-    path = archive.settings.resolved_encryption_key_file
-    try:
+    with _encrypted_archive(data) as archive:
+        path = archive.settings.resolved_encryption_key_file
         with console.status("re-wrapping data keys"):
             report = rotate_lake(archive.blobs, path, archive.settings.workspace)
         _report(report)
@@ -113,10 +99,6 @@ def rotate(data: DataOption = None) -> None:
             f"{len(report.failed)} failed",
             {"resource": f"key-file:{path}"},
         )
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     if not report.ok:
         raise typer.Exit(1)
 
@@ -125,9 +107,8 @@ def rotate(data: DataOption = None) -> None:
 def retire(data: DataOption = None) -> None:
     """Remove every key but the current one from the key file, after checking that every
     encrypted blob is wrapped by the current key (re-wrapping those that are not)."""
-    archive = _open_encrypted(data)
-    path = archive.settings.resolved_encryption_key_file
-    try:
+    with _encrypted_archive(data) as archive:
+        path = archive.settings.resolved_encryption_key_file
         with console.status("checking data keys"):
             report = retire_old_keys(archive.blobs, path, archive.settings.workspace)
         _report(report)
@@ -139,10 +120,6 @@ def retire(data: DataOption = None) -> None:
             f"keys retired: {removed}; {len(report.failed)} blobs failed",
             {"resource": f"key-file:{path}"},
         )
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     if not report.ok:
         console.print("[red]no key was removed: some blobs could not be checked[/]")
         raise typer.Exit(1)

@@ -10,11 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
-from medlake.config import load_settings
 from medlake.dicomweb.lifecycle import count_candidates, lifecycle_status, run_lifecycle
 from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
@@ -64,14 +65,14 @@ def parse_now(value: str | None) -> dt.datetime | None:
 
 @contextmanager
 def _archive(data: Path | None, cool: int | None, cold: int | None) -> Iterator[Archive]:
-    archive = Archive.open(load_settings(data=data, cool_after_days=cool, cold_after_days=cold))
+    """The archive with the policy's overrides; an error (a policy that does not hold,
+    among others) exits with status 2."""
     try:
-        yield archive
+        with opened_archive(data, cool_after_days=cool, cold_after_days=cold) as archive:
+            yield archive
     except MedlakeError as exc:
-        console.print(f"[red]error:[/] {exc.message}")
+        console.print(f"[red]error:[/] {escape(exc.message)}")
         raise typer.Exit(2) from exc
-    finally:
-        archive.close()
 
 
 def _size(n: int) -> str:

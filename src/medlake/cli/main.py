@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 import medlake
 from medlake.cli.options import DataOption
+from medlake.errors import MedlakeError
 from medlake.types import DEFAULT_PARTITION
 
 if TYPE_CHECKING:
@@ -62,6 +64,15 @@ class _LazyGroup(TyperGroup):
         if command is None and cmd_name in _LAZY_COMMANDS:
             command = _load_command(cmd_name)
         return command
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; an error medlake raised on purpose is printed as one line
+        (``error: <message>``, exit status 1), not as a traceback."""
+        try:
+            return super().invoke(ctx)
+        except MedlakeError as exc:
+            Console(stderr=True).print(f"[red]error:[/] {escape(exc.message)}", soft_wrap=True)
+            raise typer.Exit(1) from exc
 
     def resolve_command(self, ctx: Any, args: Any) -> Any:
         try:
@@ -167,7 +178,6 @@ def serve(
     from medlake.api.metrics import metrics_of
     from medlake.cli import dimse_cmd, hl7_cmd, token_cmd
     from medlake.cli.log_setup import configure_logging
-    from medlake.errors import MedlakeError
     from medlake.ingest.archive import Archive
     from medlake.ingest.workers import start_workers
     from medlake.web import create_web_app, viewer_path

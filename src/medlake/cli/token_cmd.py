@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
-from medlake.config import load_settings
 from medlake.errors import MedlakeError
 from medlake.index.writes import utcnow
 from medlake.ingest.archive import Archive
@@ -79,15 +79,6 @@ def audit_cli(archive: Archive, action: Action, detail: str, entity: dict[str, s
     )
 
 
-def _open(data: object) -> Archive:
-    return Archive.open(load_settings(data=data))
-
-
-def _fail(exc: MedlakeError) -> typer.Exit:
-    console.print(f"[red]{exc.message}[/]")
-    return typer.Exit(1)
-
-
 @app.command("create")
 def create(
     subject: Annotated[str, typer.Argument(help="Who the token is for (a user or service name).")],
@@ -115,9 +106,8 @@ def create(
 ) -> None:
     """Create a token; its secret is printed once and stored only as a hash."""
     expires_at = parse_expiry(expires_in)
-    archive = _open(data)
-    try:
-        grants = [Grant.parse(text) for text in role or []]
+    grants = [Grant.parse(text) for text in role or []]
+    with opened_archive(data) as archive:
         created: CreatedToken = create_token(
             archive.engine,
             subject,
@@ -136,10 +126,6 @@ def create(
         except MedlakeError:
             revoke_token(archive.engine, created.info.token_id)
             raise
-    except MedlakeError as exc:
-        raise _fail(exc) from None
-    finally:
-        archive.close()
     if as_json:
         print(orjson.dumps({**created.info.to_json(), "token": created.secret}).decode())
         return
@@ -162,11 +148,8 @@ def list_command(
     data: DataOption = None,
 ) -> None:
     """List tokens (never their secrets)."""
-    archive = _open(data)
-    try:
+    with opened_archive(data) as archive:
         tokens = list_tokens(archive.engine, include_inactive=show_all)
-    finally:
-        archive.close()
     if as_json:
         print(orjson.dumps([t.to_json() for t in tokens]).decode())
         return
@@ -193,8 +176,7 @@ def revoke(
     data: DataOption = None,
 ) -> None:
     """Revoke a token: it is refused from the next request on."""
-    archive = _open(data)
-    try:
+    with opened_archive(data) as archive:
         info = revoke_token(archive.engine, token_id)
         audit_cli(
             archive,
@@ -202,10 +184,6 @@ def revoke(
             f"token {token_id} of {info.subject} revoked",
             {"resource": f"token/{token_id}"},
         )
-    except MedlakeError as exc:
-        raise _fail(exc) from None
-    finally:
-        archive.close()
     console.print(f"token {token_id} of {info.subject} is revoked")
 
 
@@ -241,13 +219,8 @@ def login_link(
 ) -> None:
     """Print a one-time browser login link (valid 10 minutes, signs in once) for the
     running server: opening it sets a session cookie and opens the viewer."""
-    archive = _open(data)
-    try:
+    with opened_archive(data) as archive:
         url = issue_login_link(archive, subject)
-    except MedlakeError as exc:
-        raise _fail(exc) from None
-    finally:
-        archive.close()
     print(url)
 
 

@@ -1,0 +1,47 @@
+"""How long what a command uses lives: the archive it opens (closed when it is done),
+and, for a command that serves until stopped, the wait for Ctrl-C or SIGTERM.
+
+A :class:`~medlake.errors.MedlakeError` from opening the archive (an index database
+that cannot be reached, a wrong key file) or from the command itself reaches the
+root command, which prints it as ``error: <message>`` and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from medlake.config import Settings, load_settings
+from medlake.ingest.archive import Archive
+
+
+@contextlib.contextmanager
+def opened_archive(
+    data: Path | None = None, *, settings: Settings | None = None, **overrides: Any
+) -> Iterator[Archive]:
+    """The archive of ``settings``, or of ``--data`` with ``overrides`` of the settings."""
+    archive = Archive.open(settings or load_settings(data=data, **overrides))
+    try:
+        yield archive
+    finally:
+        archive.close()
+
+
+def wait_until_stopped() -> None:
+    """Return on Ctrl-C or SIGTERM (``medlake dimse``, ``mllp``, ``watch``)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        # Timed waits: an untimed Event.wait() sometimes never returned after SIGTERM
+        # (seen in CI), leaving the process running.
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+__all__ = ["opened_archive", "wait_until_stopped"]
