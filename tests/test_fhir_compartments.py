@@ -170,6 +170,28 @@ def test_history_lists_only_the_compartment(
     }  # fmt: skip
 
 
+def test_history_does_not_count_versions_from_another_patients_compartment(
+    client: TestClient, populated: None, nurse: dict[str, str], admin: dict[str, str]
+) -> None:
+    # o2 was p2's, then was moved to p1: its first version is p2's data, which p1's
+    # reader neither sees nor may learn the existence of (not even through the total).
+    moved = observation("o2", "Patient/p1")
+    response = client.put(
+        "/fhir/Observation/o2", content=json.dumps(moved), headers={**FHIR_JSON, **admin}
+    )
+    assert response.status_code == 200, response.text
+    for url in ("/fhir/Observation/o2/_history", "/fhir/Observation/_history", "/fhir/_history"):
+        bundle = client.get(url, headers=nurse).json()
+        o2 = [
+            e["resource"]["meta"]["versionId"]
+            for e in bundle["entry"]
+            if e["fullUrl"].endswith("/Observation/o2")
+        ]
+        assert o2 == ["2"], url
+        assert bundle["total"] == len(bundle["entry"]), url
+    assert client.get("/fhir/Observation/o2/_history", headers=admin).json()["total"] == 2
+
+
 def test_a_deleted_resource_of_the_compartment_reads_410(
     client: TestClient, populated: None, secure_archive: Archive
 ) -> None:

@@ -919,7 +919,8 @@ def history(
 
     With ``compartments`` only resources now in them are listed (a resource outside,
     or deleted, is 404 / left out), and a version whose content was outside them (the
-    resource moved between patients) is left out of its page."""
+    resource moved between patients) is left out of its page and of the total (which
+    then reads every listed version: a compartment holds one patient's data)."""
     patients = compartment_patients(compartments)
     if count < 0:
         raise InvalidInput(f"_count must not be negative, not {count}")
@@ -944,9 +945,18 @@ def history(
         if since is not None:
             conditions.append(v.last_updated >= since.astimezone(dt.UTC))
         joined = fhir_resource_versions.join(fhir_resources, r.id == v.resource_id)
-        total = conn.execute(
-            select(func.count()).select_from(joined).where(and_(*conditions))
-        ).scalar_one()
+        if patients is None:
+            total = conn.execute(
+                select(func.count()).select_from(joined).where(and_(*conditions))
+            ).scalar_one()
+        else:  # only the versions the caller may see: each one's content is judged
+            contents = conn.execute(select(v.content).select_from(joined).where(and_(*conditions)))
+            total = sum(
+                1
+                for (content,) in contents
+                if content is None
+                or resource_in_compartment(parse_json(content, "stored resource"), patients)
+            )
         if cursor is not None:
             conditions.append(v.id < cursor)
         rows = conn.execute(

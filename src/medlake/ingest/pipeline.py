@@ -287,7 +287,7 @@ def _store_chunk(
             for i in dicom
         ]
         results = store_instances(
-            archive, files, batch.partition, inspections=[_done(inspections[i]) for i in dicom],
+            archive, files, batch.partition, inspections=[inspections[i] for i in dicom],
             ledger=ledger,
         )  # fmt: skip
         if ledger.counts is None:
@@ -336,12 +336,6 @@ def _wait(future: Future[Inspection]) -> Inspection:
         return future.result()
     except Exception as exc:  # the worker process died
         return Inspection("", None, MedlakeError(f"cannot stage the file: {exc!r}"))
-
-
-def _done(inspection: Inspection) -> Future[Inspection]:
-    future: Future[Inspection] = Future()
-    future.set_result(inspection)
-    return future
 
 
 def finish(archive: Archive, batch_id: str, events: EventHub | None = None) -> Batch:

@@ -121,13 +121,14 @@ def store_instances(
     *,
     expected_study: str | None = None,
     replace: bool = False,
-    inspections: Sequence[Future[Inspection]] | None = None,
+    inspections: Sequence[Future[Inspection] | Inspection] | None = None,
     ledger: BatchLedger | None = None,
 ) -> list[StoreResult]:
     """Store ``files`` into ``partition``; one result per file, in order.
 
-    ``inspections`` are the files' header parses started earlier with :func:`inspect`
-    (a receiver starts each as soon as its part is complete); by default they start now.
+    ``inspections`` are the files' header parses, started earlier with :func:`inspect`
+    (a receiver starts each as soon as its part is complete) or done already (bulk
+    ingest); by default they start now.
     Each parsed file is judged by ``archive.rules``. With ``ledger``, the outcomes are
     recorded in the batch (counts, ``ingest_errors`` rows, work-queue items) in the
     transaction that stores the instances, and rejected files are kept aside.
@@ -142,9 +143,9 @@ def store_instances(
     try:
         if inspections is None:
             inspections = [inspect(archive, received) for received in files]
-        for i, future in enumerate(inspections):
+        for i, pending in enumerate(inspections):
             try:
-                inspection = future.result()
+                inspection = pending if isinstance(pending, Inspection) else pending.result()
             except Exception as exc:  # a worker process died: this file is not stored
                 results[i] = StoreResult(
                     Outcome.FAILED, error=MedlakeError(f"cannot inspect the file: {exc!r}")

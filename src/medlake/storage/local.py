@@ -78,7 +78,8 @@ class LocalBlobStore(BlobStore):
         for key, source in items:
             try:
                 target = self._path(key)
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent not in folders:  # a series' instances share one folder
+                    target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
                 folders.add(target.parent)
                 errors.append(None)
