@@ -29,6 +29,7 @@ from medlake.ingest.archive import Archive
 from medlake.security import create_token, revoke_token
 from medlake.security.audit import LOGIN, AuditRecord
 from medlake.security.browser_login import (
+    ENDED_KEPT_FOR,
     SESSION_LIFETIME,
     create_login_link,
     open_session_with_link,
@@ -454,3 +455,33 @@ def test_two_requests_racing_with_one_link_sign_in_once(
         outcomes = list(pool.map(attempt, range(4)))
     assert outcomes.count("signed in") == 1, outcomes
     assert all("was already used" in o for o in outcomes if o != "signed in"), outcomes
+
+
+def test_login_links_and_sessions_that_ended_a_week_ago_are_deleted(
+    client: TestClient, secure_archive: Archive, admin_token: str
+) -> None:
+    # Every sign-in adds a link and a session row; the ended ones go after a week.
+    old_link = create_login_link(secure_archive.engine, "admin")
+    old_session = sign_in(client, f"/login?token={old_link.secret}")
+    recent_link = create_login_link(secure_archive.engine, "admin")
+    old_token = create_token(secure_archive.engine, "old-service", expires_at=None)
+    long_ago = utcnow() - ENDED_KEPT_FOR - dt.timedelta(hours=1)
+    old_session_id = old_session.split("_")[1]
+    with secure_archive.engine.begin() as conn:
+        ended = [old_link.info.token_id, old_session_id, old_token.info.token_id]
+        conn.execute(
+            update(api_tokens).where(api_tokens.c.token_id.in_(ended)).values(revoked_at=long_ago)
+        )
+        conn.execute(  # ended yesterday: still listed
+            update(api_tokens)
+            .where(api_tokens.c.token_id == recent_link.info.token_id)
+            .values(expires_at=utcnow() - dt.timedelta(days=1))
+        )
+    sign_in(client, link_for(secure_archive))  # the next sign-in prunes
+    with secure_archive.engine.connect() as conn:
+        left = set(conn.execute(select(api_tokens.c.token_id)).scalars())
+    assert old_link.info.token_id not in left
+    assert old_session_id not in left
+    assert recent_link.info.token_id in left
+    assert old_token.info.token_id in left  # API tokens are never deleted
+    assert client.get("/dicomweb/studies", headers=with_cookie(old_session)).status_code == 401

@@ -524,6 +524,8 @@ api_tokens = Table(
     Column("token_id", String(16), nullable=False, unique=True),  # the public part of a token
     Column("principal_id", ForeignKey("principals.id", ondelete="CASCADE"), nullable=False),
     Column("secret_sha256", String(64), nullable=False),
+    # token | login_link | session (medlake.security.browser_login)
+    Column("kind", String(16), nullable=False, server_default="token"),
     Column("scopes", Text),  # space-separated SMART scopes; None = not limited by scopes
     Column("description", Text),
     Column("created_at", TS, nullable=False),

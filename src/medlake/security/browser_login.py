@@ -24,7 +24,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from medlake.errors import NotFound
@@ -51,6 +51,12 @@ SESSION_PREFIX = "mls"
 LOGIN_LINK_LIFETIME = dt.timedelta(minutes=10)
 #: The longest a browser session lasts.
 SESSION_LIFETIME = dt.timedelta(hours=12)
+#: How long an ended login link or session stays listed (``medlake token list --all``)
+#: before it is deleted; the audit log keeps the record of each sign-in and log-out.
+ENDED_KEPT_FOR = dt.timedelta(days=7)
+#: ``api_tokens.kind`` of login links and sessions.
+LOGIN_LINK_KIND = "login_link"
+SESSION_KIND = "session"
 
 #: What the caller records in the audit log when a session opens or ends (built from it).
 AuditOf = Callable[["BrowserSession"], AuditRecord]
@@ -78,11 +84,14 @@ def create_login_link(
         ).scalar_one_or_none()
         if principal_id is None:
             raise NotFound(f"no principal {subject!r}: create a token for it first")
+        now = utcnow()
+        _prune_ended(conn, now)
         token_id, secret = insert_credential(
             conn,
             principal_id,
             LOGIN_LINK_PREFIX,
-            expires_at=utcnow() + lifetime,
+            kind=LOGIN_LINK_KIND,
+            expires_at=now + lifetime,
             description="one-time browser login link",
         )
     return CreatedToken(secret, get_token(engine, token_id))
@@ -131,6 +140,20 @@ def open_session_with_token(engine: Engine, token: str, audit: AuditOf) -> Brows
     return _open(engine, check, audit)
 
 
+def _prune_ended(conn: Connection, now: dt.datetime) -> None:
+    """Delete the login links and sessions that ended (used, logged out, revoked or
+    expired) more than :data:`ENDED_KEPT_FOR` ago: every sign-in adds rows, which would
+    otherwise stay for ever. API tokens are never deleted."""
+    t = api_tokens.c
+    cutoff = now - ENDED_KEPT_FOR
+    conn.execute(
+        delete(api_tokens).where(
+            t.kind.in_((LOGIN_LINK_KIND, SESSION_KIND)),
+            or_(t.revoked_at < cutoff, t.expires_at < cutoff),
+        )
+    )
+
+
 def _used(token_id: str) -> str:
     return (
         f"login link {token_id} was already used (a link signs in once): sign in with an "
@@ -154,10 +177,12 @@ def _open(
                 if opened_with.startswith("token ")
                 else f"browser session opened with {opened_with}"
             )
+            _prune_ended(conn, now)
             session_id, secret = insert_credential(
                 conn,
                 info.principal_id,
                 SESSION_PREFIX,
+                kind=SESSION_KIND,
                 scopes=info.scopes,
                 expires_at=expires_at,
                 description=description,

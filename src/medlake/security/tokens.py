@@ -118,12 +118,14 @@ def insert_credential(
     principal_id: int,
     prefix: str,
     *,
+    kind: str = "token",
     scopes: frozenset[str] | None = None,
     expires_at: dt.datetime | None = None,
     description: str | None = None,
 ) -> tuple[str, str]:
-    """Store a new credential ``<prefix>_<id>_<secret>`` of a principal (only its hash);
-    returns its id and the whole secret, which is never stored."""
+    """Store a new credential ``<prefix>_<id>_<secret>`` of a principal (only its hash)
+    of ``kind`` (``token``, or a browser's ``login_link`` or ``session``); returns its id
+    and the whole secret, which is never stored."""
     token_id = secrets.token_hex(6)
     secret = f"{prefix}_{token_id}_{secrets.token_urlsafe(32)}"
     conn.execute(
@@ -131,6 +133,7 @@ def insert_credential(
             token_id=token_id,
             principal_id=principal_id,
             secret_sha256=_digest(secret),
+            kind=kind,
             scopes=" ".join(sorted(scopes)) if scopes is not None else None,
             description=description,
             created_at=utcnow(),
