@@ -253,8 +253,8 @@ def _matches(
         conditions.append(resource.c.resource_type == resource_type)
     elif parsed.types:
         conditions.append(resource.c.resource_type.in_(parsed.types))
-    for key, value in parsed.criteria:
-        clause = builder.criterion(resource, resource_type, key, value)
+    for i, (key, value) in enumerate(parsed.criteria):
+        clause = builder.criterion(resource, resource_type, key, value, drive=i == 0)
         if clause is not None:
             conditions.append(clause)
     if patients is not None:
