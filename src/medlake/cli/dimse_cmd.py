@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medlake.cli.lifetime import opened_archive, wait_until_stopped
+from medlake.cli.lifetime import StopSignal, opened_archive
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.config import Settings, load_settings
@@ -106,11 +106,12 @@ def dimse(
     settings = load_settings(data=data, dimse_host=host, dimse_port=port, ae_title=ae_title)
     configure_logging(settings)
     _quiet_pynetdicom(settings)
+    stop = StopSignal()
     with opened_archive(settings=settings) as archive:
         server = DimseServer(archive).start()
         _announce(server, settings)
         try:
-            wait_until_stopped()
+            stop.wait()
         finally:
             server.stop()
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medlake.cli.lifetime import opened_archive, wait_until_stopped
+from medlake.cli.lifetime import StopSignal, opened_archive
 from medlake.cli.log_setup import configure_logging
 from medlake.cli.options import DataOption
 from medlake.clinical.hl7 import (
@@ -116,10 +116,11 @@ def mllp(
     """Run the HL7 v2 MLLP listener (and the FHIR mapper) alone until Ctrl-C."""
     settings = load_settings(data=data, mllp_host=host, mllp_port=port, mllp_tls_port=tls_port)
     configure_logging(settings)
+    stop = StopSignal()
     with opened_archive(settings=settings) as archive:
         service = _start(archive, settings)
         try:
-            wait_until_stopped()
+            stop.wait()
         finally:
             service.stop()
 

@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from medlake.cli.lifetime import opened_archive, wait_until_stopped
+from medlake.cli.lifetime import StopSignal, opened_archive
 from medlake.cli.log_setup import configure_logging
 from medlake.config import Settings
 from medlake.errors import InvalidInput, MedlakeError
@@ -263,12 +263,18 @@ def watch(
     source: str, data: Path | None, partition: str | None, after: str | None, workers: int | None
 ) -> None:
     """``medlake watch``: see :func:`medlake.cli.ingest_cmd.watch`."""
+    stop = StopSignal()
     with _opened(data) as archive:
-        _watch(archive, source, partition, after, workers)
+        _watch(archive, source, partition, after, workers, stop)
 
 
 def _watch(
-    archive: Archive, source: str, partition: str | None, after: str | None, workers: int | None
+    archive: Archive,
+    source: str,
+    partition: str | None,
+    after: str | None,
+    workers: int | None,
+    stop: StopSignal,
 ) -> None:
     configure_logging(archive.settings)
     events = EventHub()
@@ -299,7 +305,7 @@ def _watch(
     console.print(f"watching {watcher.zone.url} (Ctrl-C to stop)")
     watcher.start()
     try:
-        wait_until_stopped()
+        stop.wait()
     finally:
         watcher.stop()
 

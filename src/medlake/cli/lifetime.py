@@ -31,17 +31,28 @@ def opened_archive(
         archive.close()
 
 
-def wait_until_stopped() -> None:
-    """Return on Ctrl-C or SIGTERM (``medlake dimse``, ``mllp``, ``watch``)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        # Timed waits: an untimed Event.wait() sometimes never returned after SIGTERM
-        # (seen in CI), leaving the process running.
-        while not stop.wait(0.5):
+class StopSignal:
+    """Ctrl-C or SIGTERM, for a command that serves until stopped (``medlake dimse``,
+    ``mllp``, ``watch``).
+
+    SIGTERM is caught from the moment this is made: make it before starting what it
+    stops, so that a SIGTERM that arrives while the service starts stops it too, instead
+    of killing the process before it has closed anything.
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+
+    def wait(self) -> None:
+        """Return on Ctrl-C or SIGTERM (at once if SIGTERM came already)."""
+        try:
+            # Timed waits: an untimed Event.wait() sometimes never returned after SIGTERM
+            # (seen in CI), leaving the process running.
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
 
 
-__all__ = ["opened_archive", "wait_until_stopped"]
+__all__ = ["StopSignal", "opened_archive"]
