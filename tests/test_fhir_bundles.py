@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Connection, text
 from starlette.testclient import TestClient
 
 from medlake.clinical import store
@@ -351,6 +352,36 @@ def test_process_bundle_raises_the_entry_error(archive: Archive) -> None:
             base_url="http://medlake.test/fhir",
         )  # fmt: skip
     assert store.history(archive).total == 0
+
+
+def test_what_then_writes_commits_with_the_transaction_or_not_at_all(archive: Archive) -> None:
+    # The HL7 mapper marks its message mapped this way: never resources without the
+    # mark, never the mark without the resources.
+    entry = {"resource": patient("then-1"), "request": {"method": "POST", "url": "Patient"}}
+    seen: list[dict[str, Any]] = []
+
+    def then_fails(conn: Connection, response: dict[str, Any]) -> None:
+        seen.append(response)
+        conn.execute(text("SELECT 1"))
+        raise RuntimeError("bookkeeping failed")
+
+    with pytest.raises(RuntimeError, match="bookkeeping failed"):
+        process_bundle(
+            archive, bundle("transaction", entry), base_url="http://medlake.test/fhir",
+            then=then_fails,
+        )  # fmt: skip
+    assert seen[0]["entry"][0]["response"]["status"] == "201 Created"
+    assert store.history(archive).total == 0  # the Patient went with the failure
+
+    def then_writes(conn: Connection, response: dict[str, Any]) -> None:
+        seen.append(response)
+
+    result = process_bundle(
+        archive, bundle("transaction", entry), base_url="http://medlake.test/fhir",
+        then=then_writes,
+    )  # fmt: skip
+    assert seen[-1] is result
+    assert store.history(archive, resource_type="Patient").total == 1
 
 
 def test_concurrent_transactions_on_one_new_resource(archive: Archive) -> None:

@@ -110,8 +110,14 @@ def process_bundle(
     base_url: str,
     prefer: str = "minimal",
     compartments: frozenset[str] | None = None,
+    then: Callable[[Connection, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Process a ``transaction`` or ``batch`` Bundle and return its response Bundle.
+
+    ``then`` is called with the connection and the response Bundle inside the
+    transaction's own database transaction: what it writes (the caller's bookkeeping)
+    commits with the entries, or not at all. (A ``batch`` has no one transaction:
+    there ``then`` runs in one of its own after the entries.)
 
     ``compartments`` (``Patient/123``; ``None``: no limit) limit every entry as they
     limit the single interactions: an entry that would write outside them fails (403),
@@ -138,12 +144,15 @@ def process_bundle(
     if kind == "transaction":
         entries = [_parse_entry(i, raw, base) for i, raw in enumerate(raw_entries)]
         _check_transaction(entries)
-        run_write(
-            archive,
-            partition,
-            lambda s: _transaction(s, entries, base, prefer),
-            compartments=compartments,
-        )
+
+        def work(session: WriteSession) -> dict[str, Any]:
+            _transaction(session, entries, base, prefer)
+            response = _response(kind, base, entries)
+            if then is not None:
+                then(session.conn, response)
+            return response
+
+        return run_write(archive, partition, work, compartments=compartments)
     else:
         entries = []
         for i, raw in enumerate(raw_entries):
@@ -156,6 +165,14 @@ def process_bundle(
         for entry in sorted(entries, key=lambda e: _ORDER.get(e.method, 4)):
             if entry.response is None:
                 entry.response = _batch_entry(archive, partition, entry, base, prefer, compartments)
+    response = _response(kind, base, entries)
+    if then is not None:
+        with archive.engine.begin() as conn:
+            then(conn, response)
+    return response
+
+
+def _response(kind: str, base: str, entries: Sequence[Entry]) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),

@@ -6,10 +6,12 @@ submits it to the FHIR store (``process_bundle``: atomic), carries out ADT^A40
 merges (:func:`medlake.clinical.patient_merge.merge_patients`) and records the
 outcome on the row: ``mapped`` with the resources made, or ``failed`` with why.
 
-It never slows an acknowledgement: the listener only wakes it. A stop or crash
-between the FHIR write and the status update leaves the row ``received``; mapping it
-again writes the same resources again (every entry is a conditional update or
-create on an identifier from the message), not new ones.
+It never slows an acknowledgement: the listener only wakes it. A message is marked
+``mapped`` in the transaction that writes its resources (one commit per message). A
+merge (ADT^A40) is carried out after that transaction, and its message marked after
+the merge: a stop or crash in between leaves the row ``received``; mapping it again
+writes the same resources again (every entry is a conditional update or create on an
+identifier from the message), not new ones.
 
 On PostgreSQL, several server replicas may run a mapper each; a session advisory
 lock lets one of them map at a time, so messages stay in order.
@@ -35,6 +37,7 @@ from medlake.clinical.hl7.records import MessageRow
 from medlake.clinical.patient_merge import merge_patients
 from medlake.clinical.store import run_write
 from medlake.errors import DatabaseUnavailable, MedlakeError
+from medlake.index.statistics import refresh_statistics
 from medlake.ingest.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ def map_stored_message(archive: Archive, row: MessageRow, base_url: str) -> None
     """Map one stored message and record the outcome on its row (``mapped`` or
     ``failed``). Database outages are raised (the row stays ``received``)."""
     try:
-        resources, note = _map(archive, row, base_url)
+        outcome = _map(archive, row, base_url)
     except (DatabaseUnavailable, OperationalError):
         raise
     except (MappingError, MedlakeError) as exc:
@@ -72,17 +75,29 @@ def map_stored_message(archive: Archive, row: MessageRow, base_url: str) -> None
         with archive.engine.begin() as conn:
             records.mark_failed(conn, row.id, f"internal error: {type(exc).__name__}: {exc}")
         return
-    with archive.engine.begin() as conn:
-        records.mark_mapped(conn, row.id, resources, note)
+    if outcome is not None:  # merges were carried out after the bundle: recorded now
+        with archive.engine.begin() as conn:
+            records.mark_mapped(conn, row.id, *outcome)
 
 
-def _map(archive: Archive, row: MessageRow, base_url: str) -> tuple[list[str], str | None]:
+def _map(archive: Archive, row: MessageRow, base_url: str) -> tuple[list[str], str | None] | None:
+    """Write the message's resources. Without merges (most messages) the row is marked
+    ``mapped`` in the same transaction, and None is returned; else its resources and
+    what the merges did, to record once they are done."""
     parsed = ParsedMessage(decode_message(row.payload))
     plan = map_message(parsed)
+
+    def mapped(conn: Connection, response: dict[str, Any]) -> None:
+        records.mark_mapped(conn, row.id, _references(response))
+
+    if not plan.merges:
+        process_bundle(
+            archive, plan.bundle, partition=row.partition, base_url=base_url, then=mapped
+        )
+        return None
     response = process_bundle(archive, plan.bundle, partition=row.partition, base_url=base_url)
-    resources = _references(response)
     notes = [_carry_out(archive, merge, row.partition) for merge in plan.merges]
-    return resources, "; ".join(n for n in notes if n) or None
+    return _references(response), "; ".join(n for n in notes if n) or None
 
 
 def _references(response: dict[str, Any]) -> list[str]:
@@ -162,6 +177,10 @@ class Hl7Mapper:
                 batch = records.pending(conn, _BATCH)
             if not batch:
                 return done
+            # The mapper's conditional writes search by identifier: keep the planner's
+            # statistics in step as the FHIR tables grow (`medlake mllp` runs no other
+            # refresher; a fresh PostgreSQL without autovacuum has none at all).
+            refresh_statistics(self.archive.engine)
             for row in batch:
                 if self._stop.is_set():
                     return done
