@@ -464,6 +464,7 @@ def test_login_links_and_sessions_that_ended_a_week_ago_are_deleted(
     old_link = create_login_link(secure_archive.engine, "admin")
     old_session = sign_in(client, f"/login?token={old_link.secret}")
     recent_link = create_login_link(secure_archive.engine, "admin")
+    unopened_link = create_login_link(secure_archive.engine, "admin")
     old_token = create_token(secure_archive.engine, "old-service", expires_at=None)
     long_ago = utcnow() - ENDED_KEPT_FOR - dt.timedelta(hours=1)
     old_session_id = old_session.split("_")[1]
@@ -471,6 +472,11 @@ def test_login_links_and_sessions_that_ended_a_week_ago_are_deleted(
         ended = [old_link.info.token_id, old_session_id, old_token.info.token_id]
         conn.execute(
             update(api_tokens).where(api_tokens.c.token_id.in_(ended)).values(revoked_at=long_ago)
+        )
+        conn.execute(  # never opened, expired long ago (not revoked)
+            update(api_tokens)
+            .where(api_tokens.c.token_id == unopened_link.info.token_id)
+            .values(expires_at=long_ago)
         )
         conn.execute(  # ended yesterday: still listed
             update(api_tokens)
@@ -481,6 +487,7 @@ def test_login_links_and_sessions_that_ended_a_week_ago_are_deleted(
     with secure_archive.engine.connect() as conn:
         left = set(conn.execute(select(api_tokens.c.token_id)).scalars())
     assert old_link.info.token_id not in left
+    assert unopened_link.info.token_id not in left
     assert old_session_id not in left
     assert recent_link.info.token_id in left
     assert old_token.info.token_id in left  # API tokens are never deleted

@@ -66,6 +66,7 @@ def _steps(archive: Archive, query: list[tuple[str, str]]) -> tuple[int, int]:
         [("identifier", "http://mrn|M7")],
         [("identifier", "M7")],
         [("identifier", "M7"), ("gender", "male")],
+        [("gender", "male"), ("identifier", "M7")],  # the identifier drives, wherever it is
     ],
 )
 def test_a_lookup_by_identifier_does_not_read_every_patient(

@@ -62,3 +62,53 @@ def test_a_migration_killed_midway_is_redone(db_url: str) -> None:
     engine.dispose()
     assert killed.returncode == 9
     assert differences == []
+
+
+def test_0013_tells_login_links_and_sessions_from_tokens_by_description_and_lifetime(
+    db_url: str,
+) -> None:
+    import datetime as dt
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from medlake.index.database import alembic_config
+
+    engine = create_index_engine(db_url)
+    command.upgrade(alembic_config(engine), "0012")
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    rows = [  # token_id, description, lifetime (None: never expires)
+        ("link", "one-time browser login link", dt.timedelta(minutes=10)),
+        ("session", "browser session opened with token abc", dt.timedelta(hours=12)),
+        ("short-session", "browser session opened with login link x", dt.timedelta(hours=2)),
+        ("token", "CI uploads", dt.timedelta(days=90)),
+        ("session-named", "browser session opened with the team", dt.timedelta(days=30)),
+        ("link-named", "one-time browser login link", None),
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO principals (subject, kind, created_at) VALUES ('p', 'token', :t)"),
+            {"t": now},
+        )
+        for token_id, description, lifetime in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (token_id, principal_id, secret_sha256, "
+                    "description, created_at, expires_at) VALUES (:id, "
+                    "(SELECT id FROM principals WHERE subject = 'p'), 'x', :d, :c, :e)"
+                ),
+                {"id": token_id, "d": description, "c": now,
+                 "e": None if lifetime is None else now + lifetime},
+            )  # fmt: skip
+    migrate(engine)
+    with engine.connect() as conn:
+        kinds = dict(conn.execute(text("SELECT token_id, kind FROM api_tokens")).all())
+    engine.dispose()
+    assert kinds == {
+        "link": "login_link",
+        "session": "session",
+        "short-session": "session",
+        "token": "token",
+        "session-named": "token",
+        "link-named": "token",
+    }

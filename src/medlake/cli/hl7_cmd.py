@@ -65,11 +65,17 @@ def start_mllp(archive: Archive, settings: Settings) -> Hl7Service | None:
     if settings.mllp_port <= 0 and settings.mllp_tls_port <= 0:
         console.print("MLLP: off (mllp_port 0)")
         return None
-    return _start(archive, settings)
+    return _start(archive, settings, alone=False)
 
 
-def _start(archive: Archive, settings: Settings) -> Hl7Service:
-    mapper = Hl7Mapper(archive, fhir_base_url(settings)) if settings.hl7_mapping else None
+def _start(archive: Archive, settings: Settings, *, alone: bool) -> Hl7Service:
+    """The listener and, unless hl7_mapping is off, the mapper; ``alone`` (``medlake
+    mllp``): no server keeps the planner's statistics, the mapper does."""
+    mapper = (
+        Hl7Mapper(archive, fhir_base_url(settings), keep_statistics=alone)
+        if settings.hl7_mapping
+        else None
+    )
     listener = MllpListener(
         archive,
         plain=settings.mllp_port > 0 or not settings.mllp_tls_port,
@@ -118,7 +124,7 @@ def mllp(
     configure_logging(settings)
     stop = StopSignal()
     with opened_archive(settings=settings) as archive:
-        service = _start(archive, settings)
+        service = _start(archive, settings, alone=True)
         try:
             stop.wait()
         finally:

@@ -3,7 +3,8 @@ and, for a command that serves until stopped, the wait for Ctrl-C or SIGTERM.
 
 A :class:`~medlake.errors.MedlakeError` from opening the archive (an index database
 that cannot be reached, a wrong key file) or from the command itself reaches the
-root command, which prints it as ``error: <message>`` and exits with status 1.
+root command, which prints it as ``error: <message>`` and exits with status 1 (the
+ingest and lifecycle commands catch it first, to exit with status 2).
 """
 
 from __future__ import annotations

@@ -222,6 +222,7 @@ def serve(
             scp.stop()
         if hl7 is not None:
             hl7.stop()
+        archive.close()
 
 
 def _server_stopped_by_signal(config: Any) -> Any:
@@ -258,14 +259,14 @@ def list_studies(
     """List the studies of a partition."""
     from rich.table import Table
 
+    from medlake.cli.lifetime import opened_archive
     from medlake.dicom.attributes import Level
     from medlake.dicomweb.search import run_search
     from medlake.errors import NotFound
-    from medlake.ingest.archive import Archive
 
-    archive = Archive.open(_settings(data=data))
     try:
-        result = run_search(archive, Level.STUDY, partition, [("limit", "10000")])
+        with opened_archive(settings=_settings(data=data)) as archive:
+            result = run_search(archive, Level.STUDY, partition, [("limit", "10000")])
     except NotFound:
         console.print(f"partition {partition!r} is empty")
         return

@@ -1,4 +1,5 @@
-"""FHIR search criteria as SQL: one EXISTS over ``fhir_search_values`` per parameter.
+"""FHIR search criteria as SQL: one EXISTS over ``fhir_search_values`` per parameter
+(on SQLite, the criterion that drives the search is an ``id IN (…)`` instead).
 
 Every criterion becomes a boolean SQL expression on an alias of ``fhir_resources``,
 so chains (``subject:Patient.name=x``) and reverse chains (``_has:...``) nest the

@@ -56,6 +56,7 @@ from medlake.clinical.store import (
     read_version,
     run_write,
     update_resource,
+    write_transaction,
 )
 from medlake.errors import (
     FhirError,
@@ -167,7 +168,7 @@ def process_bundle(
                 entry.response = _batch_entry(archive, partition, entry, base, prefer, compartments)
     response = _response(kind, base, entries)
     if then is not None:
-        with archive.engine.begin() as conn:
+        with write_transaction(archive) as conn:
             then(conn, response)
     return response
 

@@ -249,11 +249,12 @@ def _matches(
     patients: Sequence[str] | None,
     drive_first: bool,
 ) -> Select[Any]:
-    """The current resources that match ``parsed``. With ``drive_first`` (SQLite), the
-    first criterion drives (see :meth:`CriteriaBuilder.criterion`). PostgreSQL plans
-    the ``EXISTS`` semi-joins well with statistics; without any (a fresh database, no
-    autovacuum) the ``IN`` form made it pick an index that fits neither the type, the
-    parameter nor the value, and test every candidate against every value."""
+    """The current resources that match ``parsed``. With ``drive_first`` (SQLite), one
+    criterion drives (see :meth:`CriteriaBuilder.criterion` and :func:`_driver`).
+    PostgreSQL plans the ``EXISTS`` semi-joins well with statistics; without any (a
+    fresh database, no autovacuum) the ``IN`` form made it pick an index that fits
+    neither the type, the parameter nor the value, and test every candidate against
+    every value."""
     resource = fhir_resources
     conditions: list[Clause] = [
         resource.c.partition_id == builder.partition_id,
@@ -263,10 +264,9 @@ def _matches(
         conditions.append(resource.c.resource_type == resource_type)
     elif parsed.types:
         conditions.append(resource.c.resource_type.in_(parsed.types))
+    driver = _driver(resource_type, parsed.criteria) if drive_first else None
     for i, (key, value) in enumerate(parsed.criteria):
-        clause = builder.criterion(
-            resource, resource_type, key, value, drive=drive_first and i == 0
-        )
+        clause = builder.criterion(resource, resource_type, key, value, drive=i == driver)
         if clause is not None:
             conditions.append(clause)
     if patients is not None:
@@ -274,6 +274,33 @@ def _matches(
     return select(
         resource.c.id, resource.c.resource_type, resource.c.logical_id, resource.c.content
     ).where(*conditions)
+
+
+def _driver(resource_type: str | None, criteria: Sequence[tuple[str, str]]) -> int | None:
+    """Which criterion drives an SQLite search: the first identifier (one resource
+    each, as a rule), else the first reference (one patient's resources), else the
+    first other parameter of the resource's own values; None when there is none
+    (``_id``, ``_lastUpdated``, chains, ``_has``, ``:missing``, ``:not``) or no type.
+    A token such as ``gender`` or ``status`` drives only when nothing better is there:
+    it matches a large share of the resources."""
+    if resource_type is None:
+        return None
+    known = parameters_of(resource_type)
+    ranked: list[tuple[int, int]] = []
+    for i, (key, _value) in enumerate(criteria):
+        head, _, chain = key.partition(".")
+        name, _, modifier = head.partition(":")
+        param = known.get(name)
+        if chain or param is None or name.startswith("_") or modifier in ("missing", "not"):
+            continue
+        if name == "identifier" and not modifier:
+            rank = 0
+        elif param.type == "reference" and (not modifier or modifier[:1].isupper()):
+            rank = 1
+        else:
+            rank = 2
+        ranked.append((rank, i))
+    return min(ranked)[1] if ranked else None
 
 
 def _order_by(

@@ -137,10 +137,20 @@ def _carry_out(archive: Archive, merge: PatientMerge, partition: str) -> str | N
 class Hl7Mapper:
     """A thread that maps stored messages until :meth:`stop`."""
 
-    def __init__(self, archive: Archive, base_url: str, *, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        base_url: str,
+        *,
+        poll_seconds: float = 1.0,
+        keep_statistics: bool = False,
+    ) -> None:
+        """``keep_statistics``: refresh the planner's statistics as the FHIR tables grow
+        (for ``medlake mllp`` alone; ``medlake serve`` has a refresher of its own)."""
         self.archive = archive
         self.base_url = base_url.rstrip("/")
         self.poll_seconds = poll_seconds
+        self.keep_statistics = keep_statistics
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,10 +187,8 @@ class Hl7Mapper:
                 batch = records.pending(conn, _BATCH)
             if not batch:
                 return done
-            # The mapper's conditional writes search by identifier: keep the planner's
-            # statistics in step as the FHIR tables grow (`medlake mllp` runs no other
-            # refresher; a fresh PostgreSQL without autovacuum has none at all).
-            refresh_statistics(self.archive.engine)
+            if self.keep_statistics:
+                self._refresh_statistics()
             for row in batch:
                 if self._stop.is_set():
                     return done
@@ -189,6 +197,14 @@ class Hl7Mapper:
                 done += 1
                 self._give_way(time.monotonic() - started)
         return done
+
+    def _refresh_statistics(self) -> None:
+        # The conditional writes search by identifier: a fresh PostgreSQL without
+        # autovacuum has no statistics at all, and plans those searches badly.
+        try:
+            refresh_statistics(self.archive.engine)
+        except Exception:
+            log.exception("refreshing planner statistics failed")
 
     def _give_way(self, spent: float) -> None:
         # While messages arrive, work at most ``share`` of the time: the mapper's write
