@@ -68,6 +68,44 @@ def test_create_assigns_id_and_version(client: TestClient) -> None:
     assert read.headers["last-modified"] == response.headers["last-modified"]
 
 
+def test_conditional_read_answers_304_while_the_copy_is_current(client: TestClient) -> None:
+    pid = post(client, patient()).json()["id"]
+    url = f"/fhir/Patient/{pid}"
+    first = client.get(url)
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+
+    def read(**headers: str) -> httpx.Response:
+        return client.get(url, headers=headers)
+
+    for headers in (
+        {"If-None-Match": etag},
+        {"If-None-Match": '"1"'},  # weak comparison
+        {"If-None-Match": f'W/"7", {etag}'},
+        {"If-None-Match": "*"},
+        {"If-Modified-Since": modified},
+    ):
+        cached = read(**headers)
+        assert cached.status_code == 304, headers
+        assert cached.content == b""
+        assert cached.headers["etag"] == etag and cached.headers["last-modified"] == modified
+    for headers in (
+        {"If-None-Match": 'W/"2"'},
+        {"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
+        {"If-Modified-Since": "not a date"},  # ignored, as RFC 9110 says
+        {"If-None-Match": 'W/"2"', "If-Modified-Since": modified},  # If-None-Match decides
+    ):
+        assert read(**headers).status_code == 200, headers
+    assert put(client, f"Patient/{pid}", patient(id=pid, gender="other")).status_code == 200
+    changed = read(**{"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.json()["gender"] == "other"
+    assert changed.headers["etag"] == 'W/"2"'
+    assert client.delete(url).status_code == 204
+    assert read(**{"If-None-Match": "*"}).status_code == 410
+    capability = client.get("/fhir/metadata").json()
+    patient_type = next(r for r in capability["rest"][0]["resource"] if r["type"] == "Patient")
+    assert patient_type["conditionalRead"] == "full-support"
+
+
 def test_update_delete_and_history(client: TestClient) -> None:
     created = post(client, patient()).json()
     pid = created["id"]

@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from medlake import __version__
 from medlake.api.auth import decision_of
+from medlake.api.conditional_get import not_modified
 from medlake.api.errors import warning_header
 from medlake.api.media import parse_accept, parse_media_type
 from medlake.clinical import store
@@ -429,7 +430,8 @@ async def vread(request: Request, resource_type: str, logical_id: str, version_i
 
 @router.get("/{resource_type}/{logical_id}")
 async def read(request: Request, resource_type: str, logical_id: str) -> Response:
-    """The current version (``read``); 410 when deleted."""
+    """The current version (``read``); 410 when deleted. A conditional read
+    (``If-None-Match``, ``If-Modified-Since``) of the current version is 304."""
     resource_type = _resource_type(resource_type)
     _response_type(request)
     stored = await run_in_threadpool(
@@ -441,7 +443,10 @@ async def read(request: Request, resource_type: str, logical_id: str) -> Respons
         compartments=compartments_of(request),
     )
     assert stored.content is not None
-    return _json(stored.content, 200, request, _headers(stored, "", location=False))
+    headers = _headers(stored, "", location=False)
+    if not_modified(request.headers, stored.etag, stored.last_updated):
+        return Response(status_code=304, headers=headers)
+    return _json(stored.content, 200, request, headers)
 
 
 @router.put("/{resource_type}/{logical_id}")

@@ -45,7 +45,7 @@ def _resources() -> tuple[dict[str, Any], ...]:
             "readHistory": True,
             "updateCreate": True,
             "conditionalCreate": True,
-            "conditionalRead": "not-supported",
+            "conditionalRead": "full-support",
             "conditionalUpdate": True,
             "conditionalDelete": "single",
             "searchParam": _search_params(resource_type),
