@@ -282,6 +282,29 @@ def test_create_inside_succeeds_and_outside_is_403(
     assert everything(client, admin) == before
 
 
+def test_a_patch_cannot_reach_or_leave_the_compartment(
+    client: TestClient,
+    populated: None,
+    writer: dict[str, str],
+    nurse: dict[str, str],
+    admin: dict[str, str],
+) -> None:
+    patch_headers = {"Content-Type": "application/json-patch+json"}
+    before = everything(client, admin)
+
+    def patch(url: str, document: list[dict[str, Any]], who: dict[str, str]) -> Any:
+        return client.patch(url, content=json.dumps(document), headers={**patch_headers, **who})
+
+    to_p2 = [{"op": "replace", "path": "/subject/reference", "value": "Patient/p2"}]
+    forbidden(patch("/fhir/Observation/o1a", to_p2, writer), "Observation/o1a")
+    hidden = patch("/fhir/Observation/o2", [{"op": "remove", "path": "/code"}], writer)
+    assert hidden.status_code == 404 and "Two" not in hidden.text
+    assert patch("/fhir/Observation/o1a", to_p2, nurse).status_code == 403  # a reader
+    assert everything(client, admin) == before
+    final = [{"op": "replace", "path": "/status", "value": "amended"}]
+    assert patch("/fhir/Observation/o1a", final, writer).status_code == 200
+
+
 def test_updates_and_deletes_cannot_reach_or_leave_the_compartment(
     client: TestClient, populated: None, secure_archive: Archive, admin: dict[str, str]
 ) -> None:

@@ -330,9 +330,9 @@ def test_bad_input_is_an_operation_outcome_with_the_right_status(client: TestCli
     assert client.get("/fhir/Patient/" + "x" * 65).status_code == 400
     assert client.get("/fhir/Unicorn/1").status_code == 404
     assert client.get("/fhir/Patient/nobody").status_code == 404
-    not_allowed = client.patch(f"/fhir/Patient/{pid}", content=b"[]")
+    not_allowed = client.post(f"/fhir/Patient/{pid}", content=b"{}", headers=FHIR)
     assert not_allowed.status_code == 405
-    assert "PUT" in not_allowed.headers["allow"]
+    assert {"PUT", "PATCH"} <= {m.strip() for m in not_allowed.headers["allow"].split(",")}
     outcome(not_allowed)
 
 
@@ -444,3 +444,78 @@ def test_concurrent_conditional_creates_make_one_resource(archive: Archive) -> N
         results = list(pool.map(create, range(4)))
     assert len({rid for rid, _ in results}) == 1
     assert sorted(outcome for _, outcome in results) == ["created"] + ["unchanged"] * 3
+
+
+JSON_PATCH = {"Content-Type": "application/json-patch+json", "Accept": "application/fhir+json"}
+
+
+def patch(client: TestClient, url: str, document: Any, **headers: str) -> httpx.Response:
+    body = document if isinstance(document, str) else json.dumps(document)
+    return client.patch(f"/fhir/{url}", content=body, headers=JSON_PATCH | headers)
+
+
+def test_patch_applies_a_json_patch_as_a_new_version(client: TestClient) -> None:
+    pid = post(client, patient(gender="male")).json()["id"]
+    changed = patch(
+        client,
+        f"Patient/{pid}",
+        [
+            {"op": "test", "path": "/gender", "value": "male"},
+            {"op": "replace", "path": "/gender", "value": "female"},
+            {"op": "add", "path": "/birthDate", "value": "1970-01-01"},
+        ],
+        **{"If-Match": 'W/"1"'},
+    )
+    assert changed.status_code == 200, changed.text
+    body = changed.json()
+    assert (body["gender"], body["birthDate"], body["meta"]["versionId"]) == (
+        "female", "1970-01-01", "2",
+    )  # fmt: skip
+    assert changed.headers["etag"] == 'W/"2"'
+    assert client.get(f"/fhir/Patient/{pid}").json() == body
+    found = client.get("/fhir/Patient", params={"birthdate": "1970-01-01"}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [pid]  # re-indexed
+    history = client.get(f"/fhir/Patient/{pid}/_history").json()
+    assert history["entry"][0]["request"] == {"method": "PATCH", "url": f"Patient/{pid}"}
+    capability = client.get("/fhir/metadata").json()
+    patient_type = next(r for r in capability["rest"][0]["resource"] if r["type"] == "Patient")
+    assert {"code": "patch"} in patient_type["interaction"]
+
+
+@pytest.mark.parametrize(
+    ("document", "headers", "status", "words"),
+    [
+        ([{"op": "test", "path": "/gender", "value": "female"}], {}, 422, "cannot be applied"),
+        ([{"op": "remove", "path": "/deceasedBoolean"}], {}, 422, "cannot be applied"),
+        ([{"op": "replace", "path": "/gender", "value": "robot"}], {}, 422, "gender"),
+        ([{"op": "replace", "path": "/id", "value": "other"}], {}, 400, "id"),
+        ([{"op": "replace", "path": "/resourceType", "value": "Group"}], {}, 400, "Group"),
+        ({"op": "replace", "path": "/gender", "value": "female"}, {}, 400, "array"),
+        ([], {}, 400, "array"),
+        ([{"op": "frobnicate", "path": "/gender"}], {}, 400, "frobnicate"),
+        ([{"op": "add", "path": "gender", "value": "x"}], {}, 400, "JSON Patch"),
+        ("[{", {}, 400, ""),
+        ([{"op": "replace", "path": "/gender", "value": "female"}], {"If-Match": 'W/"9"'}, 412,
+         "version"),
+        ([{"op": "replace", "path": "/gender", "value": "female"}],
+         {"Content-Type": "application/fhir+json"}, 415, "application/json-patch+json"),
+    ],
+)  # fmt: skip
+def test_a_patch_that_cannot_apply_writes_nothing(
+    client: TestClient, document: Any, headers: dict[str, str], status: int, words: str
+) -> None:
+    pid = post(client, patient(gender="male")).json()["id"]
+    response = patch(client, f"Patient/{pid}", document, **headers)
+    assert response.status_code == status, response.text
+    assert outcome(response)["resourceType"] == "OperationOutcome"
+    assert words in response.text
+    current = client.get(f"/fhir/Patient/{pid}").json()
+    assert (current["meta"]["versionId"], current["gender"]) == ("1", "male")
+
+
+def test_patch_of_a_missing_or_deleted_resource(client: TestClient) -> None:
+    replace = [{"op": "replace", "path": "/gender", "value": "female"}]
+    assert patch(client, "Patient/no-such", replace).status_code == 404
+    pid = post(client, patient()).json()["id"]
+    assert client.delete(f"/fhir/Patient/{pid}").status_code == 204
+    assert patch(client, f"Patient/{pid}", replace).status_code == 410

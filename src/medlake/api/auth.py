@@ -163,6 +163,7 @@ def _fhir_rules() -> dict[tuple[str, str], RouteRule]:
         (f"{i}/_history/{{version_id}}", "GET"): limited(Action.FHIR_READ),
         (i, "GET"): limited(Action.FHIR_READ),
         (i, "PUT"): limited(Action.FHIR_UPDATE),
+        (i, "PATCH"): limited(Action.FHIR_UPDATE),
         (i, "DELETE"): limited(Action.FHIR_DELETE),
     }
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):

@@ -51,6 +51,8 @@ from medlake.types import DEFAULT_PARTITION, check_partition
 PREFIX = "/fhir"
 #: Media types of a JSON request body or response.
 _JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir")
+#: The media type of a JSON Patch document (RFC 6902), the body of ``patch``.
+JSON_PATCH = "application/json-patch+json"
 #: ``_format`` values meaning JSON (R4 http.html#mime-type).
 _JSON_FORMATS = frozenset({"json", "application/json", FHIR_JSON, "application/json+fhir"})
 #: Parameters of the HTTP interaction itself, never search criteria.
@@ -468,6 +470,32 @@ async def update(request: Request, resource_type: str, logical_id: str) -> Respo
     return _written(request, stored, location=False)
 
 
+@router.patch("/{resource_type}/{logical_id}")
+async def patch(request: Request, resource_type: str, logical_id: str) -> Response:
+    """``patch`` with a JSON Patch document (``application/json-patch+json``);
+    ``If-Match`` for a version check. A resource is patched, never created."""
+    resource_type = _resource_type(resource_type)
+    _response_type(request)
+    media = parse_media_type(request.headers.get("content-type") or "").name
+    if media != JSON_PATCH:
+        raise UnsupportedMediaType(
+            f"Content-Type {media or '(none)'!r} is not supported for PATCH; send a JSON "
+            f"Patch document as {JSON_PATCH} (FHIRPath and XML patches are not supported)"
+        )
+    document = await run_in_threadpool(parse_json, await request.body())
+    stored = await run_in_threadpool(
+        store.patch_resource,
+        _archive(request),
+        resource_type,
+        logical_id,
+        document,
+        partition=_partition(request),
+        if_match=_if_match(request),
+        compartments=compartments_of(request),
+    )
+    return _written(request, stored, location=False)
+
+
 @router.delete("/{resource_type}/{logical_id}")
 async def delete(request: Request, resource_type: str, logical_id: str) -> Response:
     """``delete``: the resource reads 410 afterwards; history keeps its versions."""
@@ -537,8 +565,8 @@ def _history_entry(version: store.StoredResource, base: str) -> dict[str, Any]:
     elif version.method == "DELETE":
         request = {"method": "DELETE", "url": version.reference}
         status = "204 No Content"
-    else:
-        request = {"method": "PUT", "url": version.reference}
+    else:  # PUT, or PATCH (never a first version)
+        request = {"method": version.method, "url": version.reference}
         status = "201 Created" if version.version_id == 1 else "200 OK"
     entry["request"] = request
     entry["response"] = {

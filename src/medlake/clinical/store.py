@@ -37,6 +37,7 @@ from medlake.clinical.compartments import (
     outside_compartment,
     resource_in_compartment,
 )
+from medlake.clinical.json_patch import apply_json_patch, parse_json_patch
 from medlake.clinical.resources import (
     check_envelope,
     check_id,
@@ -65,7 +66,7 @@ from medlake.types import DEFAULT_PARTITION
 
 T = TypeVar("T")
 Query = Sequence[tuple[str, str]]
-Method = Literal["POST", "PUT", "DELETE"]
+Method = Literal["POST", "PUT", "PATCH", "DELETE"]
 
 #: Attempts of a write transaction that lost a race PostgreSQL reports at commit.
 _ATTEMPTS = 5
@@ -657,6 +658,48 @@ def update_resource(
     )
 
 
+def patch_resource(
+    archive: Archive,
+    resource_type: str,
+    resource_id: str,
+    patch: Any,
+    *,
+    partition: str = DEFAULT_PARTITION,
+    if_match: int | None = None,
+    compartments: frozenset[str] | None = None,
+) -> StoredResource:
+    """``patch``: a new version of ``Type/id`` made by applying the JSON Patch document
+    ``patch`` (the parsed body) to the current one, read and written in one transaction
+    (the row is locked on PostgreSQL: no update in between is lost).
+
+    404 when unknown (or outside ``compartments``), 410 when deleted, 412 when
+    ``if_match`` is not the current version, 400 for a document that is no JSON Patch,
+    422 when it cannot be applied or the result is no valid resource (it may not
+    change ``resourceType`` or ``id``: 400)."""
+    check_resource_type(resource_type)
+    check_id(resource_id)
+    operations = parse_json_patch(patch)
+    reference = f"{resource_type}/{resource_id}"
+
+    def work(session: WriteSession) -> StoredResource:
+        current = session.current(resource_type, [resource_id]).get(resource_id)
+        stored = read_current(
+            session.conn, session.partition_pk, resource_type, resource_id,
+            patients=session.patients,
+        )  # fmt: skip
+        assert current is not None  # read_current found it
+        check_version(resource_type, resource_id, current, if_match)
+        resource = stored.resource()
+        assert resource is not None  # not deleted: read_current said 410 otherwise
+        patched = apply_json_patch(operations, resource, reference)
+        check_envelope(patched, resource_type=resource_type, resource_id=resource_id)
+        validate_resource(patched)
+        op = WriteOp(resource_type, resource_id, patched, "PATCH", current)
+        return session.apply([op])[0]
+
+    return run_write(archive, partition, work, compartments=compartments)
+
+
 def conditional_update(
     archive: Archive,
     resource_type: str,
@@ -1000,6 +1043,7 @@ __all__ = [
     "new_logical_id",
     "now_ms",
     "parse_version_etag",
+    "patch_resource",
     "read_current",
     "read_resource",
     "read_version",
