@@ -119,6 +119,29 @@ def test_ae_commands(runner: CliRunner, data: Path, peer: DimseServer) -> None:
     assert "status 0x0000" in echo.output
     assert removed.exit_code == 0
     assert again.exit_code == 1 and "not registered" in again.output
+    assert (entries[0]["tls"], entries[0]["checkHost"]) == (False, True)  # the defaults
+
+
+def test_ae_add_registers_a_tls_peer_without_the_host_check(runner: CliRunner, data: Path) -> None:
+    add = runner.invoke(
+        app,
+        ["ae", "add", "SECURE", "pacs.example", "2762", "--tls", "--no-check-host",
+         "--data", str(data)],
+    )  # fmt: skip
+    assert add.exit_code == 0, add.output
+    listed = orjson.loads(runner.invoke(app, ["ae", "list", "--json", "--data", str(data)]).output)
+    assert [(e["aeTitle"], e["tls"], e["checkHost"]) for e in listed] == [("SECURE", True, False)]
+    table = runner.invoke(app, ["ae", "list", "--data", str(data)], env={"COLUMNS": "200"})
+    header = next(line for line in table.output.splitlines() if "AE title" in line)
+    row = next(line for line in table.output.splitlines() if "SECURE" in line)
+    columns = dict(
+        zip(
+            (c.strip() for c in header.split("┃")),
+            (c.strip() for c in row.split("│")),
+            strict=True,
+        )
+    )
+    assert (columns["TLS"], columns["host check"]) == ("yes", "no")
 
 
 def test_send_files_to_another_medlake_byte_for_byte(

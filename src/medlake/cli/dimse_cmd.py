@@ -251,11 +251,22 @@ def ae_add(
     store: Annotated[bool, typer.Option(help="May it C-STORE into medlake?")] = True,
     query: Annotated[bool, typer.Option(help="May it C-FIND / C-MOVE / C-GET?")] = True,
     description: Annotated[Optional[str], typer.Option(help="A note.")] = None,  # noqa: UP045
+    tls: Annotated[
+        bool,
+        typer.Option(help="medlake reaches it over DICOM TLS (send, retrieve, C-MOVE target)."),
+    ] = False,
+    check_host: Annotated[
+        bool,
+        typer.Option(help="Admit its associations only from the addresses of HOST."),
+    ] = True,
     replace: Annotated[bool, typer.Option(help="Replace it if it exists.")] = False,
     data: DataOption = None,
 ) -> None:
     """Register an AE."""
-    ae = ae_registry.ApplicationEntity(ae_title, host, port, partition, store, query, description)
+    ae = ae_registry.ApplicationEntity(
+        ae_title, host, port, partition, store, query, description, tls=tls,
+        check_host=check_host,
+    )  # fmt: skip
     with opened_archive(data) as archive:
         added = ae_registry.add_ae(archive, ae, replace=replace)
     console.print(f"registered {added.ae_title} at {added.host}:{added.port}")
@@ -272,11 +283,15 @@ def ae_list(
     if as_json:
         typer.echo(orjson.dumps([ae.to_json() for ae in found]).decode())
         return
-    table = Table("AE title", "host", "port", "partition", "store", "query", "description")
+    table = Table(
+        "AE title", "host", "port", "partition", "store", "query", "TLS", "host check",
+        "description",
+    )  # fmt: skip
     for ae in found:
         table.add_row(
             ae.ae_title, ae.host, str(ae.port), ae.effective_partition,
-            "yes" if ae.allow_store else "no", "yes" if ae.allow_query else "no",
+            *("yes" if flag else "no"
+              for flag in (ae.allow_store, ae.allow_query, ae.tls, ae.check_host)),
             ae.description or "",
         )  # fmt: skip
     console.print(table)
