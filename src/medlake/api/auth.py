@@ -250,6 +250,12 @@ def _rules() -> dict[tuple[str, str], RouteRule]:
         ("/hl7/messages", "GET"): RouteRule(Action.HL7_READ, "query"),
         ("/hl7/messages/{message_id}", "GET"): RouteRule(Action.HL7_READ),
         ("/hl7/messages/{message_id}/raw", "GET"): RouteRule(Action.HL7_READ),
+        # who may send over MLLP, into which partition: an access list, for admins
+        ("/hl7/senders", "GET"): RouteRule(Action.SECURITY_MANAGE),
+        ("/hl7/senders", "POST"): RouteRule(Action.SECURITY_MANAGE),
+        ("/hl7/senders/{name}", "GET"): RouteRule(Action.SECURITY_MANAGE),
+        ("/hl7/senders/{name}", "PUT"): RouteRule(Action.SECURITY_MANAGE),
+        ("/hl7/senders/{name}", "DELETE"): RouteRule(Action.SECURITY_MANAGE),
         # cohort queries: patients and studies by clinical and imaging data (PHI)
         ("/cohorts", "GET"): RouteRule(Action.DICOM_SEARCH, "query_default"),
         ("/cohorts", "POST"): RouteRule(Action.DICOM_SEARCH, "query_default"),
@@ -523,8 +529,12 @@ class AccessControl:
             await self.app(scope, receive, send)
             return
 
-        # Configuration changes take their EventActionCode from the method (C, U, D).
-        code = {"POST": "C", "PUT": "U", "DELETE": "D"}.get(method) if event.subtype else None
+        # Configuration requests take their EventActionCode from the method (R, C, U, D).
+        code = (
+            {"GET": "R", "POST": "C", "PUT": "U", "DELETE": "D"}.get(method)
+            if event.subtype
+            else None
+        )
 
         def record(status: int, detail: str | None) -> AuditRecord:
             return self._record(

@@ -5,6 +5,11 @@ not, as received):
         newest first; X-Total-Count: matches before paging
     GET /hl7/messages/{id}        the row, the raw message and the resources made from it
     GET /hl7/messages/{id}/raw    the message itself (x-application/hl7-v2+er7)
+
+and the senders the MLLP listener accepts (as ``medlake hl7 senders``):
+
+    GET /hl7/senders, POST /hl7/senders (201; 409 when the name is taken)
+    GET|PUT|DELETE /hl7/senders/{name} (PUT: 201 when new, 200 when replaced)
 """
 
 from __future__ import annotations
@@ -12,13 +17,22 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from medlake.api.deps import ArchiveDep
 from medlake.clinical.hl7 import MessageQuery, get_message, list_messages
-from medlake.errors import InvalidInput
+from medlake.clinical.hl7.senders import (
+    Hl7Sender,
+    add_sender,
+    get_sender,
+    list_senders,
+    remove_sender,
+    sender_from_json,
+)
+from medlake.errors import InvalidInput, NotFound
 
 router = APIRouter()
 
@@ -96,3 +110,60 @@ async def read_raw_message(message_id: str, archive: ArchiveDep) -> Response:
             return get_message(conn, number).payload
 
     return Response(await run_in_threadpool(read), media_type=ER7_MEDIA_TYPE)
+
+
+# --- senders ----------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
+
+
+@router.get("/hl7/senders")
+async def senders(archive: ArchiveDep) -> JSONResponse:
+    """Every registered sender, by name."""
+    found = await run_in_threadpool(list_senders, archive.engine)
+    return JSONResponse([sender.to_json() for sender in found])
+
+
+@router.post("/hl7/senders")
+async def add_hl7_sender(request: Request, archive: ArchiveDep) -> JSONResponse:
+    """Register a sender (its JSON, as listed): 201, or 409 when the name is taken."""
+    sender = sender_from_json(await _json_body(request))
+    added = await run_in_threadpool(add_sender, archive.engine, sender)
+    return JSONResponse(added.to_json(), 201)
+
+
+@router.get("/hl7/senders/{name}")
+async def hl7_sender(name: str, archive: ArchiveDep) -> JSONResponse:
+    """One registered sender (404 when the name is not registered)."""
+    found = await run_in_threadpool(get_sender, archive.engine, name)
+    return JSONResponse(found.to_json())
+
+
+@router.put("/hl7/senders/{name}")
+async def put_hl7_sender(name: str, request: Request, archive: ArchiveDep) -> JSONResponse:
+    """Register or replace the sender ``name``: 201 when new, 200 when replaced."""
+    sender = sender_from_json(await _json_body(request), name)
+
+    def put() -> tuple[Hl7Sender, bool]:
+        try:
+            get_sender(archive.engine, name)
+            existed = True
+        except NotFound:
+            existed = False
+        return add_sender(archive.engine, sender, replace=True), existed
+
+    stored, existed = await run_in_threadpool(put)
+    return JSONResponse(stored.to_json(), 200 if existed else 201)
+
+
+@router.delete("/hl7/senders/{name}", status_code=204)
+async def delete_hl7_sender(name: str, archive: ArchiveDep) -> Response:
+    """Forget the sender ``name`` (404 when it is not registered); its open connections
+    are refused within seconds."""
+    await run_in_threadpool(remove_sender, archive.engine, name)
+    return Response(status_code=204)

@@ -177,6 +177,55 @@ def _from_row(row: RowMapping) -> Hl7Sender:
     )  # fmt: skip
 
 
+#: The JSON members of a sender (``createdAt`` is the server's and is ignored).
+_JSON_MEMBERS = {
+    "name": "name", "host": "host", "partition": "partition",
+    "sendingApplication": "application", "sendingFacility": "facility",
+    "tlsSubject": "tls_subject", "description": "description",
+}  # fmt: skip
+
+
+def sender_from_json(body: Any, name: str | None = None) -> Hl7Sender:
+    """The sender described by ``body`` (as :meth:`Hl7Sender.to_json` writes it); with
+    ``name`` (the URL's), the body's ``name`` may be left out but not differ.
+    InvalidInput for anything else: not an object, an unknown member, a value that is
+    not a string, a missing ``name``, ``host`` or ``partition``."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object describing the sender")
+    unknown = sorted(set(body) - set(_JSON_MEMBERS) - {"createdAt"})
+    if unknown:
+        raise InvalidInput(f"unknown member(s) of a sender: {', '.join(unknown)}")
+    values: dict[str, str | None] = {}
+    for member, field_name in _JSON_MEMBERS.items():
+        value = body.get(member)
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"{member} of a sender must be a string, not {value!r}")
+        values[field_name] = value
+    if name is not None:
+        if values["name"] not in (None, name):
+            raise InvalidInput(f"the body names sender {values['name']!r}, the URL {name!r}")
+        values["name"] = name
+    for required in ("name", "host", "partition"):  # (members named as the fields)
+        if not values[required]:
+            raise InvalidInput(f"a sender needs {required}")
+    sender = Hl7Sender(
+        name=values["name"] or "", host=values["host"] or "",
+        partition=values["partition"] or "", application=values["application"],
+        facility=values["facility"], tls_subject=values["tls_subject"],
+        description=values["description"],
+    )  # fmt: skip
+    return check_sender(sender)
+
+
+def get_sender(engine: Engine, name: str) -> Hl7Sender:
+    """The sender ``name``; NotFound if there is none."""
+    with engine.connect() as conn:
+        row = conn.execute(select(hl7_senders).where(hl7_senders.c.name == name)).mappings().first()
+    if row is None:
+        raise NotFound(f"HL7 sender {name!r} is not registered")
+    return _from_row(row)
+
+
 def list_senders(engine: Engine) -> list[Hl7Sender]:
     """Every registered sender, by name."""
     with engine.connect() as conn:
@@ -310,8 +359,10 @@ __all__ = [
     "SenderDirectory",
     "add_sender",
     "check_sender",
+    "get_sender",
     "list_senders",
     "remove_sender",
+    "sender_from_json",
     "sender_principal",
     "subject_attributes",
 ]
