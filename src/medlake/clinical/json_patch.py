@@ -3,8 +3,8 @@ applied with the ``jsonpatch`` library.
 
 A document that is not a JSON Patch (not an array of operations, an unknown ``op``,
 a path that is no JSON Pointer) is 400. One that cannot be applied to the current
-version (a ``test`` that fails, a path that is not there) is 422, as is a result
-that is no valid resource: nothing is written then.
+version (a ``test`` that fails, a path that leads nowhere in it) is 422, as is a
+result that is no valid resource: nothing is written then.
 """
 
 from __future__ import annotations
@@ -36,9 +36,13 @@ def apply_json_patch(
     resource itself is left unchanged."""
     try:
         patched = patch.apply(resource, in_place=False)
-    except (jsonpatch.InvalidJsonPatch, jsonpointer.JsonPointerException) as exc:
+    except jsonpatch.InvalidJsonPatch as exc:
         raise _invalid(exc) from exc
-    except (jsonpatch.JsonPatchConflict, jsonpatch.JsonPatchTestFailed) as exc:
+    except (
+        jsonpatch.JsonPatchConflict,
+        jsonpatch.JsonPatchTestFailed,
+        jsonpointer.JsonPointerException,  # a path that leads nowhere in this resource
+    ) as exc:
         message = f"the patch cannot be applied to {reference}: {exc}"
         raise Unprocessable(message, issues=[issue("processing", message)]) from exc
     if not isinstance(patched, dict):
