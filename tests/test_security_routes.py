@@ -79,6 +79,11 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("/hl7/messages", "GET"): ADMIN,  # every partition, unless ?partition= is given
     ("/hl7/messages/{message_id}", "GET"): ADMIN,
     ("/hl7/messages/{message_id}/raw", "GET"): ADMIN,
+    ("/hl7/senders", "GET"): ADMIN,
+    ("/hl7/senders", "POST"): ADMIN,
+    ("/hl7/senders/{name}", "GET"): ADMIN,
+    ("/hl7/senders/{name}", "PUT"): ADMIN,
+    ("/hl7/senders/{name}", "DELETE"): ADMIN,
     ("/fhir/metadata", "GET"): EVERYONE,
     ("/fhir", "POST"): frozenset({"admin", "ingest"}),
     ("/fhir/_history", "GET"): frozenset({"admin", "reader"}),
@@ -86,6 +91,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("/fhir/{resource_type}", "POST"): frozenset({"admin", "ingest"}),
     ("/fhir/{resource_type}", "PUT"): frozenset({"admin", "ingest"}),
     ("/fhir/{resource_type}/{logical_id}", "PUT"): frozenset({"admin", "ingest"}),
+    ("/fhir/{resource_type}/{logical_id}", "PATCH"): frozenset({"admin", "ingest"}),
     ("/fhir/{resource_type}", "DELETE"): ADMIN,
     ("/fhir/{resource_type}/{logical_id}", "DELETE"): ADMIN,
     **{
