@@ -457,17 +457,7 @@ async def update(request: Request, resource_type: str, logical_id: str) -> Respo
     resource_type = _resource_type(resource_type)
     _response_type(request)
     resource = await _resource_body(request, resource_type, logical_id)
-    stored = await run_in_threadpool(
-        store.update_resource,
-        _archive(request),
-        resource_type,
-        logical_id,
-        resource,
-        partition=_partition(request),
-        if_match=_if_match(request),
-        compartments=compartments_of(request),
-    )
-    return _written(request, stored, location=False)
+    return await _write_version(request, store.update_resource, resource_type, logical_id, resource)
 
 
 @router.patch("/{resource_type}/{logical_id}")
@@ -483,12 +473,24 @@ async def patch(request: Request, resource_type: str, logical_id: str) -> Respon
             f"Patch document as {JSON_PATCH} (FHIRPath and XML patches are not supported)"
         )
     document = await run_in_threadpool(parse_json, await request.body())
+    return await _write_version(request, store.patch_resource, resource_type, logical_id, document)
+
+
+async def _write_version(
+    request: Request,
+    write: Callable[..., store.StoredResource],
+    resource_type: str,
+    logical_id: str,
+    body: Any,
+) -> Response:
+    """A new version of ``Type/id`` by ``write`` (update, patch) from ``body``, with the
+    request's partition, ``If-Match`` and compartments; answered as ``Prefer`` asks."""
     stored = await run_in_threadpool(
-        store.patch_resource,
+        write,
         _archive(request),
         resource_type,
         logical_id,
-        document,
+        body,
         partition=_partition(request),
         if_match=_if_match(request),
         compartments=compartments_of(request),
