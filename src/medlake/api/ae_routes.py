@@ -10,22 +10,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.deps import ArchiveDep
+from medlake.api.deps import ArchiveDep, json_body
 from medlake.dimse import ae_registry, scu
-from medlake.errors import InvalidInput, NotFound
+from medlake.errors import NotFound
 
 router = APIRouter(prefix="/application-entities")
 
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
-
-
-async def _body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
 
 
 @router.get("")
@@ -38,7 +31,7 @@ async def list_application_entities(archive: ArchiveDep) -> Response:
 @router.post("")
 async def add_application_entity(request: Request, archive: ArchiveDep) -> Response:
     """Register an AE (JSON body with aeTitle, host, port, ...): 201, or 409 if it exists."""
-    ae = ae_registry.ae_from_json(await _body(request))
+    ae = ae_registry.ae_from_json(await json_body(request))
     added = await run_in_threadpool(ae_registry.add_ae, archive, ae)
     return _json(added.to_json(), 201)
 
@@ -53,7 +46,7 @@ async def get_application_entity(ae_title: str, archive: ArchiveDep) -> Response
 @router.put("/{ae_title}")
 async def put_application_entity(ae_title: str, request: Request, archive: ArchiveDep) -> Response:
     """Register or replace the AE ``ae_title``: 201 when new, 200 when replaced."""
-    ae = ae_registry.ae_from_json(await _body(request), ae_title)
+    ae = ae_registry.ae_from_json(await json_body(request), ae_title)
 
     def put() -> tuple[ae_registry.ApplicationEntity, bool]:
         try:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.deps import ArchiveDep
+from medlake.api.deps import ArchiveDep, json_body
 from medlake.dicomweb import extended_tags as service
 from medlake.errors import InvalidInput
 
@@ -77,11 +77,7 @@ def operation_json(operation: service.Operation, root: str) -> dict[str, Any]:
 async def add_extended_query_tags(request: Request, archive: ArchiveDep) -> Response:
     """Add tags (status Adding) and start re-indexing the stored instances: 202 with
     the operation to poll."""
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
-    requests = service.parse_tag_requests(body)
+    requests = service.parse_tag_requests(await json_body(request))
     operation = await run_in_threadpool(service.add_tags, archive, requests)
     service.start_reindex(archive, operation.id)
     href = f"{_root(request)}/operations/{operation.id}"

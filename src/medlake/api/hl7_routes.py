@@ -17,12 +17,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from medlake.api.deps import ArchiveDep
+from medlake.api.deps import ArchiveDep, json_body
 from medlake.clinical.hl7 import MessageQuery, get_message, list_messages
 from medlake.clinical.hl7.senders import (
     Hl7Sender,
@@ -115,13 +114,6 @@ async def read_raw_message(message_id: str, archive: ArchiveDep) -> Response:
 # --- senders ----------------------------------------------------------------------------
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from exc
-
-
 @router.get("/hl7/senders")
 async def senders(archive: ArchiveDep) -> JSONResponse:
     """Every registered sender, by name."""
@@ -132,7 +124,7 @@ async def senders(archive: ArchiveDep) -> JSONResponse:
 @router.post("/hl7/senders")
 async def add_hl7_sender(request: Request, archive: ArchiveDep) -> JSONResponse:
     """Register a sender (its JSON, as listed): 201, or 409 when the name is taken."""
-    sender = sender_from_json(await _json_body(request))
+    sender = sender_from_json(await json_body(request))
     added = await run_in_threadpool(add_sender, archive.engine, sender)
     return JSONResponse(added.to_json(), 201)
 
@@ -147,7 +139,7 @@ async def hl7_sender(name: str, archive: ArchiveDep) -> JSONResponse:
 @router.put("/hl7/senders/{name}")
 async def put_hl7_sender(name: str, request: Request, archive: ArchiveDep) -> JSONResponse:
     """Register or replace the sender ``name``: 201 when new, 200 when replaced."""
-    sender = sender_from_json(await _json_body(request), name)
+    sender = sender_from_json(await json_body(request), name)
 
     def put() -> tuple[Hl7Sender, bool]:
         try:
