@@ -71,6 +71,13 @@ class InvalidSearchValue(FhirError, InvalidInput):
     issue_code = "invalid"
 
 
+def split_key(key: str) -> tuple[str, str, str]:
+    """A search key ``name:modifier.chain`` as (name, modifier, chain), each may be ""."""
+    head, _, chain = key.partition(".")
+    name, _, modifier = head.partition(":")
+    return name, modifier, chain
+
+
 @dataclass
 class CriteriaBuilder:
     """Turns ``(name, value)`` pairs into SQL on an alias of ``fhir_resources``."""
@@ -97,7 +104,8 @@ class CriteriaBuilder:
         ``fhir_resources`` of ``resource_type``; None = any type), or None when the
         parameter is unknown and handling is lenient.
 
-        With ``drive`` (the first criterion of a search), a parameter's values are
+        With ``drive`` (the criterion that drives a search on SQLite, chosen by
+        :func:`medlake.clinical.search._driver`), a parameter's values are
         matched as ``id IN (values that match)``: SQLite then starts from the values,
         found through the (resource_type, param, …) indexes, instead of testing every
         resource of the type. The other criteria stay ``EXISTS`` tests of each
@@ -105,8 +113,7 @@ class CriteriaBuilder:
         meets one (half of all patients for ``gender=male``)."""
         if key.startswith("_has:"):
             return self._reverse_chain(resource, resource_type, key, value)
-        head, _, chain = key.partition(".")
-        name, _, modifier = head.partition(":")
+        name, modifier, chain = split_key(key)
         if name == "_id":
             self._no_modifier(key, modifier, chain)
             values = [unescape(part) for part in split_escaped(value, ",")]

@@ -25,6 +25,7 @@ from medlake.clinical._search_sql import (
     CriteriaBuilder,
     InvalidSearchValue,
     UnknownSearchParameter,
+    split_key,
 )
 from medlake.clinical.compartments import compartment_condition, compartment_patients
 from medlake.clinical.resources import parse_json
@@ -247,9 +248,9 @@ def _matches(
     resource_type: str | None,
     parsed: _Query,
     patients: Sequence[str] | None,
-    drive_first: bool,
+    with_driver: bool,
 ) -> Select[Any]:
-    """The current resources that match ``parsed``. With ``drive_first`` (SQLite), one
+    """The current resources that match ``parsed``. With ``with_driver`` (SQLite), one
     criterion drives (see :meth:`CriteriaBuilder.criterion` and :func:`_driver`).
     PostgreSQL plans the ``EXISTS`` semi-joins well with statistics; without any (a
     fresh database, no autovacuum) the ``IN`` form made it pick an index that fits
@@ -264,7 +265,7 @@ def _matches(
         conditions.append(resource.c.resource_type == resource_type)
     elif parsed.types:
         conditions.append(resource.c.resource_type.in_(parsed.types))
-    driver = _driver(resource_type, parsed.criteria) if drive_first else None
+    driver = _driver(resource_type, parsed.criteria) if with_driver else None
     for i, (key, value) in enumerate(parsed.criteria):
         clause = builder.criterion(resource, resource_type, key, value, drive=i == driver)
         if clause is not None:
@@ -288,8 +289,7 @@ def _driver(resource_type: str | None, criteria: Sequence[tuple[str, str]]) -> i
     known = parameters_of(resource_type)
     ranked: list[tuple[int, int]] = []
     for i, (key, _value) in enumerate(criteria):
-        head, _, chain = key.partition(".")
-        name, _, modifier = head.partition(":")
+        name, modifier, chain = split_key(key)
         param = known.get(name)
         if chain or param is None or name.startswith("_") or modifier in ("missing", "not"):
             continue
