@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from medlake.cli.lifetime import StopSignal, opened_archive
+from medlake.cli.lifetime import StopSignal, fail, opened_archive
 from medlake.cli.log_setup import configure_logging
 from medlake.config import Settings
 from medlake.errors import InvalidInput, MedlakeError
@@ -58,20 +57,14 @@ EXIT_PAUSED = 2
 _SHOWN_ERRORS = 20
 
 
-def _fail(exc: MedlakeError) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(exc.message)}")
-    return typer.Exit(2)
+#: Exit status of an error (status 1 says that files were rejected or that
+#: reconciliation failed).
+EXIT_ERROR = 2
 
 
-@contextlib.contextmanager
-def _opened(data: Path | None) -> Iterator[Archive]:
-    """The archive of ``--data``; an error exits with status 2 (status 1 says that
-    files were rejected or that reconciliation failed)."""
-    try:
-        with opened_archive(data) as archive:
-            yield archive
-    except MedlakeError as exc:
-        raise _fail(exc) from exc
+def _opened(data: Path | None) -> contextlib.AbstractContextManager[Archive]:
+    """The archive of ``--data``; an error exits with :data:`EXIT_ERROR`."""
+    return opened_archive(data, error_status=EXIT_ERROR)
 
 
 # --- medlake ingest -----------------------------------------------------------------------
@@ -223,7 +216,7 @@ def ingest(
         else:
             batch = run_ingest(settings, source, partition, workers)
     except MedlakeError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc, EXIT_ERROR) from exc
     raise typer.Exit(_exit_code(batch))
 
 

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from medlake.cli.lifetime import opened_archive
 from medlake.cli.options import DataOption
 from medlake.dicomweb.lifecycle import count_candidates, lifecycle_status, run_lifecycle
-from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
 from medlake.storage.base import Tier
 
@@ -63,16 +60,12 @@ def parse_now(value: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-@contextmanager
-def _archive(data: Path | None, cool: int | None, cold: int | None) -> Iterator[Archive]:
+def _archive(
+    data: Path | None, cool: int | None, cold: int | None
+) -> AbstractContextManager[Archive]:
     """The archive with the policy's overrides; an error (a policy that does not hold,
     among others) exits with status 2."""
-    try:
-        with opened_archive(data, cool_after_days=cool, cold_after_days=cold) as archive:
-            yield archive
-    except MedlakeError as exc:
-        console.print(f"[red]error:[/] {escape(exc.message)}")
-        raise typer.Exit(2) from exc
+    return opened_archive(data, error_status=2, cool_after_days=cool, cold_after_days=cold)
 
 
 def _size(n: int) -> str:

@@ -3,8 +3,8 @@ and, for a command that serves until stopped, the wait for Ctrl-C or SIGTERM.
 
 A :class:`~medlake.errors.MedlakeError` from opening the archive (an index database
 that cannot be reached, a wrong key file) or from the command itself reaches the
-root command, which prints it as ``error: <message>`` and exits with status 1 (the
-ingest and lifecycle commands catch it first, to exit with status 2).
+root command, which prints it as ``error: <message>`` and exits with status 1. The
+ingest and lifecycle commands exit with status 2 instead (``error_status``, :func:`fail`).
 """
 
 from __future__ import annotations
@@ -16,20 +16,42 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import typer
+from rich.console import Console
+from rich.markup import escape
+
 from medlake.config import Settings, load_settings
+from medlake.errors import MedlakeError
 from medlake.ingest.archive import Archive
+
+
+def fail(exc: MedlakeError, status: int) -> typer.Exit:
+    """Print ``error: <message>`` and give the exit that ends the command with ``status``."""
+    Console().print(f"[red]error:[/] {escape(exc.message)}")
+    return typer.Exit(status)
 
 
 @contextlib.contextmanager
 def opened_archive(
-    data: Path | None = None, *, settings: Settings | None = None, **overrides: Any
+    data: Path | None = None,
+    *,
+    settings: Settings | None = None,
+    error_status: int | None = None,
+    **overrides: Any,
 ) -> Iterator[Archive]:
-    """The archive of ``settings``, or of ``--data`` with ``overrides`` of the settings."""
-    archive = Archive.open(settings or load_settings(data=data, **overrides))
+    """The archive of ``settings``, or of ``--data`` with ``overrides`` of the settings.
+    With ``error_status``, an error opening it or while it is open ends the command
+    with that status (:func:`fail`) instead of reaching the root command."""
     try:
-        yield archive
-    finally:
-        archive.close()
+        archive = Archive.open(settings or load_settings(data=data, **overrides))
+        try:
+            yield archive
+        finally:
+            archive.close()
+    except MedlakeError as exc:
+        if error_status is None:
+            raise
+        raise fail(exc, error_status) from exc
 
 
 class StopSignal:
