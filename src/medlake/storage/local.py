@@ -30,10 +30,15 @@ class LocalBlobStore(BlobStore):
         self.root = str(self._root)
 
     def _path(self, key: str) -> Path:
+        return Path(self._file(key))
+
+    def _file(self, key: str) -> str:
+        """The file name of ``key`` as a string (a ``Path`` costs more than the rename of
+        the file it names, on the bulk-ingest path)."""
         # normpath, not resolve(): no syscall per path component on the hot path. Keys come
         # from the layout (validated UIDs), so ".." is the only escape to guard against.
-        path = Path(os.path.normpath(os.path.join(self.root, key)))
-        if not str(path).startswith(self.root + os.sep):
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not path.startswith(self.root + os.sep):
             raise StorageError(f"key {key!r} escapes the lake root")
         return path
 
@@ -74,14 +79,15 @@ class LocalBlobStore(BlobStore):
             # fsync releases the GIL: a few threads overlap the waits on the disk.
             list(_FLUSH_POOL.map(_try_fsync, (source for _, source in items)))
         errors: list[Exception | None] = []
-        folders: set[Path] = set()
+        folders: set[str] = set()
         for key, source in items:
             try:
-                target = self._path(key)
-                if target.parent not in folders:  # a series' instances share one folder
-                    target.parent.mkdir(parents=True, exist_ok=True)
+                target = self._file(key)
+                folder = os.path.dirname(target)
+                if folder not in folders:  # a series' instances share one folder
+                    os.makedirs(folder, exist_ok=True)
                 os.replace(source, target)
-                folders.add(target.parent)
+                folders.add(folder)
                 errors.append(None)
             except OSError as exc:
                 if exc.errno == errno.EXDEV:
@@ -169,7 +175,7 @@ class LocalBlobStore(BlobStore):
             for name in files:
                 if name.endswith(".part"):
                     continue
-                yield str(Path(dirpath, name).relative_to(self._root)).replace(os.sep, "/")
+                yield os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
 
     def local_path(self, key: str) -> Path | None:
         """The file of ``key``, for zero-copy reads."""
@@ -200,15 +206,15 @@ def _discard(tmp: Path) -> None:
 _FLUSH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medlake-fsync")
 
 
-def _try_fsync(path: Path) -> None:
+def _try_fsync(path: str | Path) -> None:
     """fsync, ignoring a path that vanished (its put then reports the error)."""
     with contextlib.suppress(FileNotFoundError):
         _fsync_path(path)
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     """fsync a file or a directory by path."""
-    if path.is_dir() and os.name == "nt":
+    if os.name == "nt" and os.path.isdir(path):
         return  # Windows cannot open a directory to fsync it; NTFS journals the rename
     fd = os.open(path, os.O_RDONLY)
     try:
