@@ -18,8 +18,10 @@ from medlake.errors import StorageError, Unreadable
 from medlake.ingest import copying
 from medlake.ingest.inspect import StagingJob, StagingOptions, _stage_many, stage_and_inspect
 
+MIN = copying.DIRECT_MIN_BYTES
 #: Around the 4 KiB alignment of direct I/O and the 1 MiB buffer it is copied through.
-SIZES = [0, 1, 4095, 4096, 4097, 65536 + 7, 1 << 20, (1 << 20) + 1, (5 << 19) + 123]
+SIZES = [MIN, MIN + 1, MIN + 4095, MIN + 4097, MIN + 65536 + 7, 1 << 20, (1 << 20) + 1]
+SIZES += [(2 << 20) + 4096, (5 << 19) + 123]
 
 
 def _content(size: int, seed: int = 0) -> bytes:
@@ -66,12 +68,30 @@ def test_direct_copy_is_byte_identical_with_its_hash_and_head(
     assert copied == (size, hashlib.sha256(data).hexdigest(), data[: copying.HEAD_BYTES])
 
 
+@pytest.mark.parametrize("size", [0, 1, 4097, MIN - 1])
+def test_a_small_file_is_copied_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Below the threshold, waiting for each direct write costs more than it saves."""
+    source = tmp_path / "source.dcm"
+    data = _content(size)
+    source.write_bytes(data)
+    target = tmp_path / "staged.part"
+    refused = _refusing_direct_open(monkeypatch)
+
+    copied = copying.copy_local(str(source), target, link=False, direct=True)
+
+    assert refused == []
+    assert target.read_bytes() == data
+    assert copied == (size, hashlib.sha256(data).hexdigest(), data[: copying.HEAD_BYTES])
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_a_target_left_from_before_is_replaced_not_kept(tmp_path: Path, direct: bool) -> None:
     source = tmp_path / "source.dcm"
-    source.write_bytes(_content(5000))
+    source.write_bytes(_content(MIN + 5000))
     target = tmp_path / "staged.part"
-    target.write_bytes(b"x" * 20000)  # a copy of a run killed before
+    target.write_bytes(b"x" * (MIN + 20000))  # a copy of a run killed before
 
     copying.copy_local(str(source), target, link=False, direct=direct)
 
@@ -96,7 +116,7 @@ def test_a_filesystem_without_direct_io_gets_a_buffered_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = tmp_path / "source.dcm"
-    data = _content(300_000)
+    data = _content(MIN + 300_000)
     source.write_bytes(data)
     target = tmp_path / "staged.part"
     refused = _refusing_direct_open(monkeypatch)
@@ -112,7 +132,7 @@ def test_direct_writes_refused_after_open_fall_back_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = tmp_path / "source.dcm"
-    data = _content(9000)
+    data = _content(MIN + 9000)
     source.write_bytes(data)
     target = tmp_path / "staged.part"
 
@@ -131,7 +151,7 @@ def test_direct_io_off_never_opens_with_o_direct(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = tmp_path / "source.dcm"
-    data = _content(70_000)
+    data = _content(MIN + 70_000)
     source.write_bytes(data)
     refused = _refusing_direct_open(monkeypatch)
 
@@ -226,7 +246,7 @@ def test_files_staged_side_by_side_each_get_their_own_bytes(
 ) -> None:
     """Two staging threads share a worker: each copies through its own buffer."""
     sources = []
-    for i, size in enumerate([700_000, 5_000, 1_500_000, 64_000] * 5):
+    for i, size in enumerate([700_000, MIN + 5_000, 1_500_000, MIN + 64_000] * 5):
         path = tmp_path / f"source-{i}.bin"
         path.write_bytes(_content(size, seed=i))
         sources.append(path)

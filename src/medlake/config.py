@@ -201,10 +201,11 @@ class Settings(BaseSettings):
     )
     ingest_direct_io: bool = Field(
         default=True,
-        description="Copy local source files into the lake with direct I/O (O_DIRECT: "
-        "around the page cache, which the copies would otherwise fill) where the "
-        "filesystem allows; off, they are copied through the page cache. Sources on "
-        "filesystems that can clone files (XFS, btrfs) are cloned either way.",
+        description="Copy local source files of 256 KiB or more into the lake with direct "
+        "I/O (O_DIRECT: around the page cache, which the copies would otherwise fill) where "
+        "the filesystem allows; smaller files, and all files when off, are copied through "
+        "the page cache. Sources on filesystems that can clone files (XFS, btrfs) are cloned "
+        "either way.",
     )
     ingest_rules: dict[str, Literal["ignore", "warn", "reject"]] = Field(
         default_factory=dict,
