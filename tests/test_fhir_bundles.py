@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from medlake.clinical import store
 from medlake.clinical.bundles import process_bundle
 from medlake.errors import PreconditionFailed, Unprocessable
+from medlake.index.writes import partition_id
 from medlake.ingest.archive import Archive
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -382,6 +383,43 @@ def test_what_then_writes_commits_with_the_transaction_or_not_at_all(archive: Ar
     )  # fmt: skip
     assert seen[-1] is result
     assert store.history(archive, resource_type="Patient").total == 1
+
+
+def test_a_batch_runs_then_in_a_transaction_of_its_own_after_the_entries(
+    archive: Archive,
+) -> None:
+    # A batch has no one transaction: its entries stay when ``then`` fails, and what
+    # ``then`` wrote before failing does not.
+    entry = {"resource": patient("then-b"), "request": {"method": "POST", "url": "Patient"}}
+    seen: list[dict[str, Any]] = []
+
+    def then_fails(conn: Connection, response: dict[str, Any]) -> None:
+        seen.append(response)
+        partition_id(conn, "marked-then-failed", create=True)
+        raise RuntimeError("bookkeeping failed")
+
+    with pytest.raises(RuntimeError, match="bookkeeping failed"):
+        process_bundle(
+            archive, bundle("batch", entry), base_url="http://medlake.test/fhir",
+            then=then_fails,
+        )  # fmt: skip
+    assert seen[0]["type"] == "batch-response"
+    assert seen[0]["entry"][0]["response"]["status"] == "201 Created"
+    assert store.history(archive, resource_type="Patient").total == 1  # the entry stays
+    with archive.engine.connect() as conn:
+        assert partition_id(conn, "marked-then-failed", create=False) is None
+
+    def then_writes(conn: Connection, response: dict[str, Any]) -> None:
+        seen.append(response)
+        partition_id(conn, "marked", create=True)
+
+    result = process_bundle(
+        archive, bundle("batch", entry), base_url="http://medlake.test/fhir", then=then_writes
+    )
+    assert seen[-1] is result
+    assert store.history(archive, resource_type="Patient").total == 2
+    with archive.engine.connect() as conn:
+        assert partition_id(conn, "marked", create=False) is not None
 
 
 def test_concurrent_transactions_on_one_new_resource(archive: Archive) -> None:
