@@ -65,9 +65,9 @@ def copy_local(path: str, target: Path, *, link: bool, direct: bool) -> Copied:
     """Copy (or, with ``link``, hard-link) the local file ``path`` to ``target``.
 
     ``direct`` allows direct I/O for files of :data:`DIRECT_MIN_BYTES` or more (way 3
-    above). A source that cannot be read (no
-    permission, not a regular file, gone) raises :class:`Unreadable`; a write into
-    staging that fails raises :class:`StorageError`; the caller removes ``target``.
+    above). A source that cannot be read (no permission, not a regular file, gone)
+    raises :class:`Unreadable`; a write into staging that fails raises
+    :class:`StorageError`; the caller removes ``target``.
     """
     try:
         # O_NONBLOCK: opening a FIFO must not hang the worker (it is refused just below).
