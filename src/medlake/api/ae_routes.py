@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from medlake.api.deps import ArchiveDep, json_body
 from medlake.dimse import ae_registry, scu
-from medlake.errors import NotFound
 
 router = APIRouter(prefix="/application-entities")
 
@@ -48,15 +47,7 @@ async def put_application_entity(ae_title: str, request: Request, archive: Archi
     """Register or replace the AE ``ae_title``: 201 when new, 200 when replaced."""
     ae = ae_registry.ae_from_json(await json_body(request), ae_title)
 
-    def put() -> tuple[ae_registry.ApplicationEntity, bool]:
-        try:
-            ae_registry.get_ae(archive, ae.ae_title)
-            existed = True
-        except NotFound:
-            existed = False
-        return ae_registry.add_ae(archive, ae, replace=True), existed
-
-    stored, existed = await run_in_threadpool(put)
+    stored, existed = await run_in_threadpool(ae_registry.put_ae, archive, ae)
     return _json(stored.to_json(), 200 if existed else 201)
 
 

@@ -24,14 +24,14 @@ from starlette.concurrency import run_in_threadpool
 from medlake.api.deps import ArchiveDep, json_body
 from medlake.clinical.hl7 import MessageQuery, get_message, list_messages
 from medlake.clinical.hl7.senders import (
-    Hl7Sender,
     add_sender,
     get_sender,
     list_senders,
+    put_sender,
     remove_sender,
     sender_from_json,
 )
-from medlake.errors import InvalidInput, NotFound
+from medlake.errors import InvalidInput
 
 router = APIRouter()
 
@@ -141,15 +141,7 @@ async def put_hl7_sender(name: str, request: Request, archive: ArchiveDep) -> JS
     """Register or replace the sender ``name``: 201 when new, 200 when replaced."""
     sender = sender_from_json(await json_body(request), name)
 
-    def put() -> tuple[Hl7Sender, bool]:
-        try:
-            get_sender(archive.engine, name)
-            existed = True
-        except NotFound:
-            existed = False
-        return add_sender(archive.engine, sender, replace=True), existed
-
-    stored, existed = await run_in_threadpool(put)
+    stored, existed = await run_in_threadpool(put_sender, archive.engine, sender)
     return JSONResponse(stored.to_json(), 200 if existed else 201)
 
 

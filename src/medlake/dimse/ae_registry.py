@@ -185,6 +185,18 @@ def get_ae(archive: Archive, title: str) -> ApplicationEntity:
 
 def add_ae(archive: Archive, ae: ApplicationEntity, *, replace: bool = False) -> ApplicationEntity:
     """Register ``ae``; :class:`Conflict` if its title exists, unless ``replace``."""
+    return _write_ae(archive, ae, replace=replace)[0]
+
+
+def put_ae(archive: Archive, ae: ApplicationEntity) -> tuple[ApplicationEntity, bool]:
+    """Register or replace ``ae``; the flag says whether an AE of its title was replaced
+    (told in the same transaction as the write)."""
+    return _write_ae(archive, ae, replace=True)
+
+
+def _write_ae(
+    archive: Archive, ae: ApplicationEntity, *, replace: bool
+) -> tuple[ApplicationEntity, bool]:
     ae = _check(ae)
     values = {
         "host": ae.host, "port": ae.port, "partition": ae.partition,
@@ -192,7 +204,8 @@ def add_ae(archive: Archive, ae: ApplicationEntity, *, replace: bool = False) ->
         "description": ae.description, "tls": ae.tls, "check_host": ae.check_host,
     }  # fmt: skip
     with archive.engine.begin() as conn:
-        if find_ae(conn, ae.ae_title) is not None:
+        existed = find_ae(conn, ae.ae_title) is not None
+        if existed:
             if not replace:
                 raise Conflict(f"AE title {ae.ae_title!r} is already registered")
             conn.execute(
@@ -211,7 +224,7 @@ def add_ae(archive: Archive, ae: ApplicationEntity, *, replace: bool = False) ->
                 raise Conflict(f"AE title {ae.ae_title!r} is already registered") from exc
         added = find_ae(conn, ae.ae_title)
     assert added is not None
-    return added
+    return added, existed
 
 
 def remove_ae(archive: Archive, title: str) -> None:
@@ -321,5 +334,6 @@ __all__ = [
     "get_ae",
     "host_matches",
     "list_aes",
+    "put_ae",
     "remove_ae",
 ]

@@ -235,6 +235,16 @@ def list_senders(engine: Engine) -> list[Hl7Sender]:
 
 def add_sender(engine: Engine, sender: Hl7Sender, *, replace: bool = False) -> Hl7Sender:
     """Register ``sender``; Conflict if its name is taken, unless ``replace``."""
+    return _write_sender(engine, sender, replace=replace)[0]
+
+
+def put_sender(engine: Engine, sender: Hl7Sender) -> tuple[Hl7Sender, bool]:
+    """Register or replace ``sender``; the flag says whether one of its name was
+    replaced (told in the same transaction as the write)."""
+    return _write_sender(engine, sender, replace=True)
+
+
+def _write_sender(engine: Engine, sender: Hl7Sender, *, replace: bool) -> tuple[Hl7Sender, bool]:
     sender = check_sender(sender)
     values = {
         "host": sender.host, "partition": sender.partition,
@@ -256,7 +266,7 @@ def add_sender(engine: Engine, sender: Hl7Sender, *, replace: bool = False) -> H
         except IntegrityError as exc:  # registered concurrently
             raise Conflict(f"HL7 sender {sender.name!r} is already registered") from exc
         row = conn.execute(select(hl7_senders).where(where)).mappings().one()
-    return _from_row(row)
+    return _from_row(row), exists
 
 
 def remove_sender(engine: Engine, name: str) -> None:
@@ -361,6 +371,7 @@ __all__ = [
     "check_sender",
     "get_sender",
     "list_senders",
+    "put_sender",
     "remove_sender",
     "sender_from_json",
     "sender_principal",
