@@ -160,11 +160,11 @@ def _copy_direct(fd: int, target: Path, name: str) -> Copied | None:
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        out = _open_target(target, os.O_DIRECT)
-    except StorageError as exc:
-        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _CANNOT:
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno in _CANNOT:
             return None
-        raise
+        raise _write_error(target, exc) from exc
     buffer = _direct_buffer()
     digest = hashlib.sha256()
     head = b""

@@ -176,11 +176,11 @@ def stage_and_inspect(
     hashing it on the way, then parse its header when ``parse``; with ``options.durable``,
     fsync the copy too, so that storing it is only a rename.
 
-    A source that cannot be read (no
-    permission, not a regular file, gone) gives an :class:`Unreadable` error; a
-    staging write that fails gives a :class:`StorageError`; nothing is left at
-    ``target`` after a failure.
+    A source that cannot be read (no permission, not a regular file, gone) gives an
+    :class:`Unreadable` error; a staging write that fails gives a :class:`StorageError`;
+    nothing is left at ``target`` after a failure.
     """
+    durable = options.durable
     try:
         if "://" in location and not location.startswith("file://"):
             size, sha256, head = _copy_url(location, target, options.storage_options or {})
@@ -188,7 +188,6 @@ def stage_and_inspect(
             size, sha256, head = copy_local(
                 location.removeprefix("file://"), target, link=options.link, direct=options.direct
             )
-        durable = options.durable
         if durable:
             _fsync(target)
     except MedlakeError as exc:
